@@ -152,7 +152,7 @@ class TorchBackendConfig(_Backend, tag="torch"):
     store_dir: str = ".aibox/models"  # converted-weights cache, keyed by file hash
 
 
-class OpenAIBackendConfig(_Backend, tag="openai"):
+class OpenAIBackendConfig(_Backend, tag="openai", kw_only=True):
     base_url: str
     model: str  # model name sent upstream
     api_key_env: str | None = None
@@ -174,7 +174,7 @@ class DeploymentRef(_Strict):
     priority: int = 0
 
 
-class ModelSettings(_Strict):
+class ModelSettings(_Strict, kw_only=True):
     name: str
     aliases: list[str] = field(default_factory=list)
     deployments: list[DeploymentRef]
