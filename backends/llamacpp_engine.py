@@ -1,0 +1,259 @@
+"""Continuous batching over one llama.cpp context: the scheduler thread of the llama.cpp backend.
+
+Each step packs one decode token of every generating sequence plus prefill chunks of newly
+admitted prompts (up to `n_batch` tokens in all) into a single `llama_decode`. On a CPU one
+decode step reads all weights whatever the batch holds, so N streams cost little more than one.
+
+Threads: the event loop only calls `submit` / `cancel` / `stats` (cheap, under `_cond`); the
+engine thread alone touches the model. Results go back through each job's `sink`, which the
+backend binds to `loop.call_soon_threadsafe(queue.put_nowait, ...)`.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from backends.base import (
+    BackendError,
+    BackendOverloaded,
+    BackendUnavailable,
+    Chunk,
+    FinishReason,
+    SamplingParams,
+    Usage,
+)
+from backends.llamacpp_model import BatchEntry, LlamaModel
+from backends.llamacpp_text import StopMatcher, Utf8Decoder
+
+Sink = Callable[[Chunk | BaseException], None]
+
+
+@dataclass(eq=False, kw_only=True)
+class Job:
+    """One request as the engine sees it: tokens in, chunks out through `sink`."""
+
+    prompt_tokens: list[int]
+    max_tokens: int
+    sampling: SamplingParams
+    stops: tuple[str, ...]
+    sink: Sink
+    submitted_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+
+class _Slot:
+    """One llama.cpp sequence id and the request currently using it."""
+
+    def __init__(self, seq_id: int) -> None:
+        self.seq_id = seq_id
+        self.job: Job | None = None
+
+    def assign(self, job: Job, sampler: int, now: float) -> None:
+        self.job = job
+        self.sampler = sampler
+        self.num_cached = 0  # positions of this sequence already in the KV cache
+        self.next_token: int | None = None  # sampled, to be fed at the next step
+        self.num_generated = 0
+        self.decoder = Utf8Decoder()
+        self.stopper = StopMatcher(job.stops)
+        self.started_at = now
+        self.queue_ms = (now - job.submitted_at) * 1000.0
+
+
+class LlamaEngine:
+    """Slots + waiting queue + the step loop. Start with `start()`, end with `stop()`."""
+
+    def __init__(self, model: LlamaModel, *, queue_size: int) -> None:
+        self._model = model
+        self._queue_size = queue_size
+        self._slots = [_Slot(i) for i in range(model.n_seq_max)]
+        self._waiting: deque[Job] = deque()
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._avg_request_s = 0.0  # EWMA of request durations, for Retry-After
+        self._thread = threading.Thread(target=self._run, name="llamacpp-engine", daemon=True)
+
+    # ------------------------------------------------------------------ called from the event loop
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Fail everything in flight and join the thread (blocking: call it off the loop)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+        self._thread.join()
+
+    def submit(self, job: Job) -> None:
+        """Queue a job, or raise BackendOverloaded when slots and queue are all taken."""
+        with self._cond:
+            if self._stopping:
+                raise BackendUnavailable("llama.cpp backend is shutting down")
+            num_live = self._num_running() + self._num_waiting()
+            if num_live >= len(self._slots) + self._queue_size:
+                raise BackendOverloaded(
+                    f"all {len(self._slots)} slots busy and {self._num_waiting()} requests queued",
+                    retry_after_s=self._retry_after_s(),
+                )
+            self._waiting.append(job)
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Abort a job (client gone); its slot and KV are freed before the next step."""
+        with self._cond:
+            if not job.cancelled:
+                job.cancelled = True
+                self._cond.notify()
+
+    def stats(self) -> dict[str, float]:
+        with self._cond:
+            running = self._num_running()
+            waiting = self._num_waiting()
+            cached = sum(s.num_cached for s in self._slots if s.job is not None)
+        return {
+            "in_flight": float(running + waiting),
+            "num_requests_running": float(running),
+            "num_requests_waiting": float(waiting),
+            "kv_cache_usage_perc": cached / self._model.n_ctx_total,
+            "slots": float(len(self._slots)),
+        }
+
+    def _num_running(self) -> int:
+        return sum(1 for s in self._slots if s.job is not None and not s.job.cancelled)
+
+    def _num_waiting(self) -> int:
+        return sum(1 for j in self._waiting if not j.cancelled)
+
+    def _retry_after_s(self) -> float:
+        rounds = self._num_waiting() / len(self._slots) + 1.0
+        return min(60.0, max(1.0, rounds * self._avg_request_s))
+
+    # ------------------------------------------------------------------ the engine thread
+    def _run(self) -> None:
+        failure: BaseException = BackendUnavailable("llama.cpp backend is shutting down")
+        try:
+            while True:
+                with self._cond:
+                    self._reap_cancelled()
+                    self._admit()
+                    if self._stopping:
+                        break
+                    if all(s.job is None for s in self._slots):
+                        self._cond.wait()
+                        continue
+                self._step()
+        except Exception as exc:  # a bug or a llama.cpp fault: fail every request, loudly
+            failure = BackendError(f"llama.cpp engine failed: {type(exc).__name__}")
+            raise
+        finally:
+            with self._cond:
+                self._stopping = True
+                for slot in self._slots:
+                    if slot.job is not None:
+                        slot.job.sink(failure)
+                        self._free(slot)
+                while self._waiting:
+                    self._waiting.popleft().sink(failure)
+
+    def _reap_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.job is not None and slot.job.cancelled:
+                self._free(slot)
+        if any(j.cancelled for j in self._waiting):
+            self._waiting = deque(j for j in self._waiting if not j.cancelled)
+
+    def _admit(self) -> None:
+        now = time.monotonic()
+        for slot in self._slots:
+            if not self._waiting:
+                return
+            if slot.job is None:
+                job = self._waiting.popleft()
+                slot.assign(job, self._model.new_sampler(job.sampling), now)
+
+    def _step(self) -> None:
+        """One llama_decode: a decode token per generating slot, then prefill chunks."""
+        entries: list[BatchEntry] = []
+        advance: list[tuple[_Slot, int]] = []  # positions each slot gains if decode succeeds
+        rows: list[tuple[_Slot, int]] = []  # (slot, batch row whose logits it samples from)
+        for slot in self._slots:
+            if slot.job is not None and slot.next_token is not None:
+                entries.append(BatchEntry(slot.next_token, slot.num_cached, slot.seq_id, True))
+                advance.append((slot, 1))
+                rows.append((slot, len(entries) - 1))
+        budget = self._model.n_batch - len(entries)
+        for slot in self._slots:  # admission order == slot order is good enough here
+            if budget <= 0:
+                break
+            job = slot.job
+            if job is None or slot.next_token is not None:
+                continue
+            prompt = job.prompt_tokens
+            start = slot.num_cached
+            take = min(budget, len(prompt) - start)
+            for pos in range(start, start + take):
+                entries.append(BatchEntry(prompt[pos], pos, slot.seq_id, pos == len(prompt) - 1))
+            advance.append((slot, take))
+            if start + take == len(prompt):
+                rows.append((slot, len(entries) - 1))
+            budget -= take
+        status = self._model.decode(entries)
+        if status != 0:
+            error = BackendError(f"llama_decode failed with status {status}")
+            for slot, _ in advance:
+                if slot.job is not None:
+                    slot.job.sink(error)
+                    with self._cond:
+                        self._free(slot)
+            return
+        for slot, num in advance:
+            slot.num_cached += num
+        for slot, row in rows:
+            if slot.job is not None and not slot.job.cancelled:
+                self._on_token(slot, self._model.sample(slot.sampler, row))
+
+    def _on_token(self, slot: _Slot, token: int) -> None:
+        job = slot.job
+        assert job is not None
+        if self._model.is_eog(token):
+            self._finish(slot, "stop", "")
+            return
+        slot.num_generated += 1
+        text = slot.stopper.feed(slot.decoder.decode(self._model.piece(token)))
+        if slot.stopper.stopped:
+            self._finish(slot, "stop", text)
+        elif slot.num_generated >= job.max_tokens:
+            self._finish(slot, "length", text)
+        else:
+            slot.next_token = token
+            if text:
+                job.sink(Chunk(text=text, queue_ms=slot.queue_ms))
+
+    def _finish(self, slot: _Slot, reason: FinishReason, text: str) -> None:
+        job = slot.job
+        assert job is not None
+        if not slot.stopper.stopped:
+            text += slot.stopper.feed(slot.decoder.flush())
+            if slot.stopper.stopped:
+                reason = "stop"
+            else:
+                text += slot.stopper.flush()
+        usage = Usage(prompt_tokens=len(job.prompt_tokens), completion_tokens=slot.num_generated)
+        job.sink(Chunk(text=text, finish_reason=reason, usage=usage, queue_ms=slot.queue_ms))
+        elapsed = time.monotonic() - slot.started_at
+        self._avg_request_s = elapsed if self._avg_request_s == 0 else 0.8 * self._avg_request_s + 0.2 * elapsed
+        with self._cond:
+            self._free(slot)
+
+    def _free(self, slot: _Slot) -> None:
+        """Release a slot's KV cells and sampler at once (caller holds `_cond`)."""
+        if slot.job is None:
+            return
+        self._model.free_seq(slot.seq_id)
+        self._model.free_sampler(slot.sampler)
+        slot.job = None
+        slot.num_cached = 0
