@@ -108,6 +108,8 @@ class AuditSettings(_Strict):
     store_content: bool = False
     retention_days: NonNegInt = 0  # 0: keep forever; else prune automatically
     buffer_rows: PositiveInt = 100_000  # rows held in memory while the disk is failing
+    # "normal": a committed row survives the process being killed (not a power cut); "full": fsync per commit
+    synchronous: Literal["normal", "full"] = "normal"
     tenant_quotas: dict[str, QuotaSettings] = field(default_factory=dict)
     subject_quotas: dict[str, QuotaSettings] = field(default_factory=dict)
 

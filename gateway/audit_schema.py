@@ -1,0 +1,174 @@
+"""Audit database: connection settings, the migrations list, and the hot-path SQL.
+
+Schema changes are an ordered list of functions (like simonw/llm's `migrations.py`): each
+runs once and its name is recorded in `_migrations`. Never edit a migration that has shipped;
+append a new one. Migrations are idempotent (IF NOT EXISTS) because the gateway and an
+`aibox usage` command may open a fresh database at the same moment.
+
+Tables:
+    requests      one row per request (rejected ones included); the source of truth
+    daily_usage   rollup per (UTC day, tenant, subject, model, deployment, status), maintained
+                  by the writer in the same transaction as the rows, so summaries and quota
+                  seeding over whole days never scan `requests`.
+
+Durability: WAL with synchronous=NORMAL. A commit appends the transaction to the WAL with
+write(2) before COMMIT returns, so the data is in the OS page cache and survives the *process*
+being killed (kill -9, OOM killer); only an OS crash or power loss before the next checkpoint's
+fsync can lose the last transactions. `audit.synchronous = "full"` fsyncs every commit
+(group commit amortises it) for hosts where that matters.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import sqlite_utils
+
+MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
+
+
+def migration(fn: Callable[[sqlite_utils.Database], None]) -> Callable[[sqlite_utils.Database], None]:
+    """Register `fn` as the next migration (order of definition is the order of application)."""
+    MIGRATIONS.append(fn)
+    return fn
+
+
+@migration
+def m001_requests(db: sqlite_utils.Database) -> None:
+    db["requests"].create(
+        {
+            "id": int,
+            "request_id": str,
+            "ts": float,
+            "subject": str,
+            "tenant": str,
+            "tier": str,
+            "endpoint": str,
+            "model": str,  # model_served, else model_requested: what summaries group by
+            "model_requested": str,
+            "model_served": str,
+            "deployment": str,
+            "backend_type": str,
+            "stream": int,
+            "status": int,
+            "error_type": str,
+            "error_code": str,
+            "finish_reason": str,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "queue_ms": float,
+            "ttft_ms": float,
+            "total_ms": float,
+            "retries": int,
+            "fallbacks": int,
+            "user": str,
+            "client_retry_count": int,
+            "request_content": str,
+            "response_content": str,
+        },
+        pk="id",
+        not_null=["request_id", "ts", "subject", "status"],
+        if_not_exists=True,
+    )
+    # One index per filter the CLI offers, each ending in ts so "latest N" and ranges use it.
+    table = db["requests"]
+    table.create_index(["ts"], index_name="idx_requests_ts", if_not_exists=True)
+    table.create_index(["tenant", "ts"], index_name="idx_requests_tenant_ts", if_not_exists=True)
+    table.create_index(["subject", "ts"], index_name="idx_requests_subject_ts", if_not_exists=True)
+    table.create_index(["model", "ts"], index_name="idx_requests_model_ts", if_not_exists=True)
+    table.create_index(["status", "ts"], index_name="idx_requests_status_ts", if_not_exists=True)
+    table.create_index(["request_id"], index_name="idx_requests_request_id", if_not_exists=True)
+
+
+@migration
+def m002_daily_usage(db: sqlite_utils.Database) -> None:
+    # Keys are '' rather than NULL: SQLite treats NULLs as distinct in a primary key, which
+    # would defeat the upsert.
+    db["daily_usage"].create(
+        {
+            "day": str,
+            "tenant": str,
+            "subject": str,
+            "model": str,
+            "deployment": str,
+            "status": int,
+            "requests": int,
+            "errors": int,
+            "prompt_tokens": int,
+            "completion_tokens": int,
+            "total_ms": float,
+            "ttft_ms": float,
+            "num_ttft": int,
+        },
+        pk=("day", "tenant", "subject", "model", "deployment", "status"),
+        not_null=["day", "tenant", "subject", "model", "deployment", "status"],
+        if_not_exists=True,
+    )
+
+
+def apply_migrations(db: sqlite_utils.Database) -> list[str]:
+    """Apply pending migrations in order; return the names applied now."""
+    if "_migrations" not in db.table_names():
+        db["_migrations"].create({"name": str, "applied_at": float}, pk="name", if_not_exists=True)
+    done = {row["name"] for row in db["_migrations"].rows}
+    applied = []
+    for fn in MIGRATIONS:
+        if fn.__name__ in done:
+            continue
+        fn(db)
+        db["_migrations"].insert({"name": fn.__name__, "applied_at": time.time()}, replace=True)
+        applied.append(fn.__name__)
+    return applied
+
+
+def connect(path: str | Path, *, synchronous: str = "normal", busy_timeout_ms: int = 5000) -> sqlite_utils.Database:
+    """Open (creating if needed) the audit database with WAL and apply migrations.
+
+    The connection may be handed to the writer thread (check_same_thread=False); it is used by
+    one thread at a time.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Default (deferred) isolation: the writer's executemany opens the transaction and one
+    # commit() closes it, so a batch of rows and its rollup land together (group commit).
+    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=busy_timeout_ms / 1000)
+    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute(f"PRAGMA synchronous = {'FULL' if synchronous == 'full' else 'NORMAL'}")
+    db = sqlite_utils.Database(conn)
+    apply_migrations(db)
+    return db
+
+
+COLUMNS = (
+    "request_id", "ts", "subject", "tenant", "tier", "endpoint", "model", "model_requested",
+    "model_served", "deployment", "backend_type", "stream", "status", "error_type", "error_code",
+    "finish_reason", "prompt_tokens", "completion_tokens", "queue_ms", "ttft_ms", "total_ms",
+    "retries", "fallbacks", "user", "client_retry_count", "request_content", "response_content",
+)  # fmt: skip
+
+# The hot path uses one prepared statement with executemany: sqlite-utils' insert_all would
+# re-derive the column list for every batch, which costs more than the insert itself.
+INSERT_SQL = f"INSERT INTO requests ({', '.join(f'[{c}]' for c in COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+
+ROLLUP_SQL = """
+INSERT INTO daily_usage (day, tenant, subject, model, deployment, status, requests, errors,
+                         prompt_tokens, completion_tokens, total_ms, ttft_ms, num_ttft)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+ON CONFLICT (day, tenant, subject, model, deployment, status) DO UPDATE SET
+    requests = requests + excluded.requests,
+    errors = errors + excluded.errors,
+    prompt_tokens = prompt_tokens + excluded.prompt_tokens,
+    completion_tokens = completion_tokens + excluded.completion_tokens,
+    total_ms = total_ms + excluded.total_ms,
+    ttft_ms = ttft_ms + excluded.ttft_ms,
+    num_ttft = num_ttft + excluded.num_ttft
+"""
+
+
+def utc_day(ts: float) -> str:
+    """'YYYY-MM-DD' of a unix time, in UTC (quota days and rollups are UTC)."""
+    return time.strftime("%Y-%m-%d", time.gmtime(ts))

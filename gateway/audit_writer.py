@@ -1,0 +1,278 @@
+"""The audit store's single writer thread: group commit, retry while failing, retention.
+
+Requests hand rows to `submit()`; the thread takes everything queued, writes it and its
+daily rollup in one transaction, commits, then wakes each waiting request on its event loop.
+Under load this is many rows per commit; idle, it is one row with ~0.1 ms of latency.
+
+When a commit fails with an operational error (disk full, database locked by another
+process, I/O error) the batch goes back to the head of the queue and is retried with backoff,
+so nothing is lost while memory lasts: the queue is bounded by `buffer_rows`, and rows past
+that bound are dropped *and counted* (stats, health, error log). A row that cannot be
+encoded at all (a bug upstream) is isolated and dropped with an error log, so it cannot
+wedge the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import sqlite_utils
+
+from gateway.audit_queries import prune
+from gateway.audit_schema import COLUMNS, INSERT_SQL, ROLLUP_SQL, utc_day
+
+log = logging.getLogger("aibox.audit")
+
+MAX_BATCH_ROWS = 10_000  # bounds one transaction's duration (and WAL growth) under a burst
+LOG_EVERY_S = 10.0  # repeated-failure logs: loud but not one line per request
+RETENTION_EVERY_S = 3600.0
+RETENTION_BATCH_ROWS = 2000
+
+# (record, enqueue time, waiter) ; waiter is (loop, future) for a request awaiting the commit
+Item = tuple[Any, float, "tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]] | None"]
+
+
+def _resolve(futures: list[asyncio.Future[bool]], ok: bool) -> None:
+    for fut in futures:
+        if not fut.done():  # the request may have stopped waiting (timeout, disconnect)
+            fut.set_result(ok)
+
+
+class AuditWriter(threading.Thread):
+    """Owns the write connection; everything else talks to it through `submit()`."""
+
+    def __init__(
+        self,
+        db: sqlite_utils.Database,
+        *,
+        buffer_rows: int,
+        retention_days: int = 0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(name="aibox-audit-writer", daemon=True)
+        self.db = db
+        self._buffer_rows = buffer_rows
+        self._retention_days = retention_days
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._queue: deque[Item] = deque()
+        self._num_in_flight = 0
+        self._stopping = False
+        self._next_retention = 0.0  # run retention soon after start
+        # stats (written by the writer thread, read by anyone: ints and floats are atomic enough)
+        self.num_rows_written = 0
+        self.num_batches = 0
+        self.num_failures = 0
+        self.num_dropped = 0
+        self.num_rejected = 0
+        self.num_pruned = 0
+        self.max_batch_rows = 0
+        self.last_commit_ms = 0.0
+        self.failing_since: float | None = None
+        self.last_error: str | None = None
+        self._last_drop_log = 0.0
+        self._last_fail_log = 0.0
+
+    # ------------------------------------------------------------------ called from the loop
+    def submit(self, record: Any, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]] | None) -> bool:
+        """Queue a row; False if the buffer is full and the row was dropped (and counted)."""
+        with self._cond:
+            if len(self._queue) + self._num_in_flight >= self._buffer_rows:
+                self.num_dropped += 1
+                now = time.monotonic()
+                if now - self._last_drop_log >= LOG_EVERY_S:
+                    self._last_drop_log = now
+                    log.error(
+                        "audit buffer full (%d rows): dropping rows; %d dropped so far (last error: %s)",
+                        self._buffer_rows, self.num_dropped, self.last_error,
+                    )  # fmt: skip
+                return False
+            self._queue.append((record, time.monotonic(), waiter))
+            self._cond.notify()
+        return True
+
+    def stop(self) -> None:
+        """Ask the thread to drain the queue and exit."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._queue) + self._num_in_flight
+
+    def oldest_wait_s(self) -> float:
+        """Age of the oldest row not yet committed (0 when the queue is empty)."""
+        try:
+            return max(0.0, time.monotonic() - self._queue[0][1])
+        except IndexError:
+            return 0.0
+
+    # ------------------------------------------------------------------ the thread
+    def run(self) -> None:
+        backoff = 0.0
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping and not self._retention_due():
+                    self._cond.wait(timeout=self._retention_wait())
+                if backoff and not self._stopping:
+                    self._cond.wait(timeout=backoff)  # failing: pause before the retry
+                if not self._queue and self._stopping:
+                    return
+                batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH_ROWS))]
+                self._num_in_flight = len(batch)
+            if self._retention_due() and not self._stopping and not backoff:
+                self._run_retention()
+            if batch:
+                ok = self._write(batch)
+                with self._cond:
+                    self._num_in_flight = 0
+                    if not ok:
+                        self._queue.extendleft(reversed(batch))  # retry first, keep order
+                backoff = 0.0 if ok else min(1.0, max(0.05, backoff * 2))
+                if not ok and self._stopping and self._stop_deadline_passed():
+                    return
+
+    def _write(self, batch: list[Item]) -> bool:
+        start = time.perf_counter()
+        try:
+            rows, rollup = self._encode(batch)
+            conn = self.db.conn
+            conn.executemany(INSERT_SQL, rows)
+            conn.executemany(ROLLUP_SQL, rollup)
+            conn.commit()
+        except sqlite3.OperationalError as exc:  # full, locked, I/O: transient, retry
+            self._rollback()
+            self._failed(exc, len(batch))
+            return False
+        except (sqlite3.Error, TypeError, ValueError, OverflowError) as exc:
+            self._rollback()
+            log.error("audit batch could not be encoded (%s); writing its rows one by one", exc)
+            return self._write_one_by_one(batch)
+        self.last_commit_ms = (time.perf_counter() - start) * 1000
+        self._committed(batch)
+        return True
+
+    def _write_one_by_one(self, batch: list[Item]) -> bool:
+        good: list[Item] = []
+        for item in batch:
+            try:
+                rows, rollup = self._encode([item])
+                self.db.conn.executemany(INSERT_SQL, rows)
+                self.db.conn.executemany(ROLLUP_SQL, rollup)
+                good.append(item)
+            except sqlite3.OperationalError as exc:
+                self._rollback()
+                self._failed(exc, len(batch))
+                return False
+            except (sqlite3.Error, TypeError, ValueError, OverflowError) as exc:
+                self.num_rejected += 1
+                log.error("audit row rejected and dropped (request_id=%r): %s", getattr(item[0], "request_id", None), exc)
+        try:
+            self.db.conn.commit()
+        except sqlite3.OperationalError as exc:
+            self._rollback()
+            self._failed(exc, len(batch))
+            return False
+        self._committed(good)
+        self._notify([i for i in batch if i not in good], ok=False)
+        return True
+
+    def _encode(self, batch: list[Item]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+        rows = []
+        rollup: dict[tuple[str, str, str, str, str, int], list[float]] = {}
+        for record, _, _ in batch:
+            model = record.model_served or record.model_requested
+            values = {c: getattr(record, c, None) for c in COLUMNS}
+            values["model"] = model
+            rows.append(tuple(values[c] for c in COLUMNS))
+            key = (utc_day(record.ts), record.tenant or "", record.subject, model or "", record.deployment or "", record.status)
+            agg = rollup.setdefault(key, [0, 0, 0, 0, 0.0, 0.0, 0])
+            agg[0] += 1
+            agg[1] += record.status >= 400
+            agg[2] += record.prompt_tokens
+            agg[3] += record.completion_tokens
+            agg[4] += record.total_ms
+            if record.ttft_ms is not None:
+                agg[5] += record.ttft_ms
+                agg[6] += 1
+        return rows, [(*k, *v) for k, v in rollup.items()]
+
+    def _committed(self, batch: list[Item]) -> None:
+        self.num_rows_written += len(batch)
+        self.num_batches += 1
+        self.max_batch_rows = max(self.max_batch_rows, len(batch))
+        if self.failing_since is not None:
+            log.warning("audit store recovered after %.1fs of failures", time.monotonic() - self.failing_since)
+            self.failing_since = None
+        self._notify(batch, ok=True)
+
+    def _notify(self, batch: list[Item], *, ok: bool) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
+        for _, _, waiter in batch:
+            if waiter is not None:
+                by_loop.setdefault(waiter[0], []).append(waiter[1])
+        for loop, futures in by_loop.items():  # one wake-up per loop per batch, not per row
+            try:
+                loop.call_soon_threadsafe(_resolve, futures, ok)
+            except RuntimeError:
+                pass  # that loop has closed; nobody is waiting any more
+
+    def _failed(self, exc: Exception, num_rows: int) -> None:
+        self.num_failures += 1
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        now = time.monotonic()
+        if self.failing_since is None:
+            self.failing_since = now
+        if now - self._last_fail_log >= LOG_EVERY_S:
+            self._last_fail_log = now
+            log.error(
+                "audit store cannot commit (%s); %d rows buffered in memory, retrying (failing for %.1fs)",
+                self.last_error, self.queue_depth + num_rows, now - self.failing_since,
+            )  # fmt: skip
+
+    def _rollback(self) -> None:
+        try:
+            self.db.conn.rollback()
+        except sqlite3.Error:
+            pass  # SQLite may already have rolled back (SQLITE_FULL does)
+
+    # ------------------------------------------------------------------ shutdown and retention
+    _stop_deadline: float | None = None
+
+    def set_stop_deadline(self, deadline: float) -> None:
+        """While failing at shutdown, give up retrying at this monotonic time."""
+        self._stop_deadline = deadline
+
+    def _stop_deadline_passed(self) -> bool:
+        return self._stop_deadline is not None and time.monotonic() >= self._stop_deadline
+
+    def _retention_due(self) -> bool:
+        return self._retention_days > 0 and time.monotonic() >= self._next_retention
+
+    def _retention_wait(self) -> float | None:
+        if self._retention_days <= 0:
+            return None
+        return max(0.0, self._next_retention - time.monotonic())
+
+    def _run_retention(self) -> None:
+        cutoff = self._clock() - self._retention_days * 86400
+        try:
+            # One small batch at a time, interleaved with row batches, keeps request latency
+            # flat while a large backlog is deleted.
+            num_deleted = prune(self.db, cutoff, batch_rows=RETENTION_BATCH_ROWS, max_batches=1)
+        except sqlite3.Error as exc:
+            self._rollback()
+            log.error("audit retention failed: %s", exc)
+            self._next_retention = time.monotonic() + 60.0
+            return
+        self.num_pruned += num_deleted
+        more = num_deleted >= RETENTION_BATCH_ROWS
+        self._next_retention = time.monotonic() + (0.05 if more else RETENTION_EVERY_S)
