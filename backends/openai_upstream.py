@@ -1,0 +1,331 @@
+"""Any OpenAI-compatible server as a backend: vLLM, llama-server, or another aibox worker.
+
+Every request goes upstream with `stream: true` and `stream_options.include_usage`, whatever the
+client asked: usage is then always known (for limits and audit), and the first-token timeout can
+be enforced on the token itself, not on response headers. The gateway joins chunks for
+non-streaming clients.
+
+Deadlines (per request, from [backends.NAME]): connect_timeout_s (TCP+headers), first_token_timeout_s
+(request sent -> first text), idle_timeout_s (between two upstream events once tokens flow),
+total_timeout_s. Any of them -> BackendTimeout (retriable before the first byte).
+
+Upstream errors -> ours:
+    connection refused/reset, DNS          BackendUnavailable   (retriable)
+    429, or 503 with Retry-After          BackendOverloaded    (retriable; carries Retry-After)
+    5xx, 408, 409                          BackendUnavailable   (retriable)
+    401, 403, 404                          BackendUnavailable   (retriable: our key or our configured
+                                                                 model is wrong for this deployment,
+                                                                 another deployment may be right)
+    400, 413, 422 and other 4xx            BackendRequestError  (not retriable; upstream's message),
+                                           ContextLengthExceeded when upstream says so
+
+Transport: one httpx.AsyncClient per backend (HTTP/1.1 keep-alive, pool sized by max_connections,
+no proxy/netrc lookups). Measured with `bench/upstream.py` on the 2-core dev box, 64 concurrent
+streams of 64 tokens against a local upstream process (see docs/upstream-transport.md):
+TRANSPORT_NUMBERS
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import msgspec
+
+from backends.base import (
+    BackendError,
+    BackendInfo,
+    BackendOverloaded,
+    BackendRequestError,
+    BackendTimeout,
+    BackendUnavailable,
+    Chunk,
+    ContextLengthExceeded,
+    GenerationRequest,
+    Usage,
+)
+from gateway.settings import OpenAIBackendConfig
+
+log = logging.getLogger("aibox.backends.openai")
+
+# Extra OpenAI fields forwarded verbatim from the client's body when present (others are modelled).
+_PASSTHROUGH = ("logit_bias", "response_format", "user", "min_p", "repetition_penalty")
+_REQUEST_CAUSED = {400, 413, 422}
+_RETRIABLE_4XX = {401, 403, 404, 408, 409, 425}
+
+
+class _UpstreamUsage(msgspec.Struct):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Delta(msgspec.Struct):
+    content: str | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    text: str | None = None  # /completions
+    delta: _Delta | None = None  # /chat/completions
+    finish_reason: str | None = None
+
+
+class _UpstreamError(msgspec.Struct):
+    message: str = "upstream error"
+    type: str | None = None
+    code: str | int | None = None
+
+
+class _Event(msgspec.Struct):
+    choices: list[_Choice] = []
+    usage: _UpstreamUsage | None = None
+    error: _UpstreamError | None = None
+
+
+class _ErrorBody(msgspec.Struct):
+    error: _UpstreamError | str | None = None
+    message: str | None = None  # some servers (llama-server, FastAPI) use a flat shape
+
+
+_event_decoder = msgspec.json.Decoder(_Event)
+_error_decoder = msgspec.json.Decoder(_ErrorBody)
+_encoder = msgspec.json.Encoder()
+
+
+class OpenAIUpstreamBackend:
+    """Streams from an OpenAI-compatible server; see the module docstring for the contract."""
+
+    def __init__(self, name: str, config: OpenAIBackendConfig) -> None:
+        self.name = name
+        self.config = config
+        self._client: httpx.AsyncClient | None = None
+        self.num_in_flight = 0
+        self.num_requests_total = 0
+        self.num_failures_total = 0
+        self._warned_no_usage = False
+
+    async def start(self) -> None:
+        """Open the connection pool. Nothing is sent upstream: a down upstream must not stop startup."""
+        headers = {"accept": "text/event-stream"}
+        if self.config.api_key_env:
+            key = os.environ.get(self.config.api_key_env)
+            if not key:
+                raise BackendError(f"backends.{self.name}.api_key_env: environment variable {self.config.api_key_env} is not set")
+            headers["authorization"] = f"Bearer {key}"
+        cfg = self.config
+        self._client = httpx.AsyncClient(
+            base_url=cfg.base_url,
+            headers=headers,
+            # Reads are bounded by our own first-token/idle deadlines below, not by httpx.
+            timeout=httpx.Timeout(connect=cfg.connect_timeout_s, read=None, write=cfg.connect_timeout_s, pool=cfg.connect_timeout_s),
+            limits=httpx.Limits(max_connections=cfg.max_connections, max_keepalive_connections=cfg.max_connections, keepalive_expiry=30.0),
+            trust_env=False,  # no proxy/netrc lookups per request; an upstream is addressed directly
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            client, self._client = self._client, None
+            await client.aclose()
+
+    def info(self) -> BackendInfo:
+        return BackendInfo(
+            name=self.name,
+            type="openai",
+            model_id=self.config.model_id or self.config.model,
+            context_length=self.config.context_length,
+            ready=self._client is not None,
+            detail={"upstream_model": self.config.model},
+        )
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "in_flight": float(self.num_in_flight),
+            "num_requests_total": float(self.num_requests_total),
+            "num_failures_total": float(self.num_failures_total),
+        }
+
+    # ------------------------------------------------------------------ request
+    def build_body(self, request: GenerationRequest) -> dict[str, Any]:
+        """The upstream JSON body for a request (always streaming, always asking for usage)."""
+        s = request.sampling
+        body: dict[str, Any] = {"model": self.config.model, "stream": True, "stream_options": {"include_usage": True}}
+        if request.messages is not None:
+            body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+        else:
+            body["prompt"] = request.prompt or ""
+            if request.echo:
+                body["echo"] = True
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        body["temperature"] = s.temperature
+        body["top_p"] = s.top_p
+        if s.top_k:
+            body["top_k"] = s.top_k  # vLLM / llama-server extension; OpenAI itself has none
+        if s.presence_penalty:
+            body["presence_penalty"] = s.presence_penalty
+        if s.frequency_penalty:
+            body["frequency_penalty"] = s.frequency_penalty
+        if s.seed is not None:
+            body["seed"] = s.seed
+        if s.stop:
+            body["stop"] = list(s.stop)
+        for key in _PASSTHROUGH:
+            if request.raw and key in request.raw:
+                body[key] = request.raw[key]
+        return body
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+        """Stream chunks from upstream. Errors before the first chunk are clean to fail over."""
+        client = self._client
+        if client is None:
+            raise BackendUnavailable("The model backend is not started.")
+        chat = request.messages is not None
+        path = "chat/completions" if chat else "completions"
+        cfg = self.config
+        start = time.monotonic()
+        total_deadline = start + cfg.total_timeout_s
+        self.num_in_flight += 1
+        self.num_requests_total += 1
+        try:
+            http_req = client.build_request("POST", path, content=_encoder.encode(self.build_body(request)), headers={"content-type": "application/json", "x-request-id": request.request_id})
+            response = await self._send(client, http_req, start)
+            try:
+                if response.status_code != 200:
+                    body = await self._bounded(response.aread(), min(total_deadline, start + cfg.first_token_timeout_s), "first token")
+                    raise self._status_error(response.status_code, body, response.headers.get("retry-after"))
+                async for chunk in self._stream(response, chat, start, total_deadline):
+                    yield chunk
+            finally:
+                await response.aclose()
+        except BackendError as exc:
+            if exc.retriable:
+                self.num_failures_total += 1
+            raise
+        finally:
+            self.num_in_flight -= 1
+
+    async def _send(self, client: httpx.AsyncClient, http_req: httpx.Request, start: float) -> httpx.Response:
+        deadline = min(start + self.config.first_token_timeout_s, start + self.config.total_timeout_s)
+        try:
+            return await self._bounded(client.send(http_req, stream=True), deadline, "first token")
+        except httpx.ConnectTimeout:
+            raise BackendTimeout("Timed out connecting to the model backend.") from None
+        except httpx.PoolTimeout:
+            raise BackendOverloaded("The model backend has no free connection.", retry_after_s=1.0) from None
+        except httpx.TransportError as exc:
+            log.warning("upstream %s: %s: %s", self.name, type(exc).__name__, exc)
+            raise BackendUnavailable("The model backend cannot be reached.") from None
+
+    async def _bounded(self, awaitable: Any, deadline: float, what: str) -> Any:
+        """Await with an absolute monotonic deadline; a miss is a BackendTimeout naming the deadline."""
+        remaining = deadline - time.monotonic()
+        try:
+            async with asyncio.timeout(max(0.0, remaining)):
+                return await awaitable
+        except TimeoutError:
+            raise BackendTimeout(f"The model backend did not answer in time ({what} timeout).") from None
+
+    async def _stream(self, response: httpx.Response, chat: bool, start: float, total_deadline: float) -> AsyncIterator[Chunk]:
+        cfg = self.config
+        lines = response.aiter_lines()
+        first_deadline = min(total_deadline, start + cfg.first_token_timeout_s)
+        num_text_chunks = 0
+        finish: str | None = None
+        usage: Usage | None = None
+        last = start
+        while True:
+            deadline = first_deadline if num_text_chunks == 0 else min(total_deadline, last + cfg.idle_timeout_s)
+            what = "first token" if num_text_chunks == 0 else ("total" if deadline == total_deadline else "idle")
+            try:
+                line = await self._bounded(anext(lines), deadline, what)
+            except StopAsyncIteration:
+                break
+            except httpx.TransportError as exc:
+                log.warning("upstream %s: stream broken: %s: %s", self.name, type(exc).__name__, exc)
+                raise BackendUnavailable("The model backend closed the connection mid-response.") from None
+            if not line.startswith("data:"):
+                continue  # blank separators, comments (keep-alives), `event:` lines
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                event = _event_decoder.decode(data)
+            except msgspec.DecodeError:
+                raise BackendError("The model backend sent a malformed stream.") from None
+            if event.error is not None:
+                raise self._stream_error(event.error)
+            if event.usage is not None:
+                usage = Usage(prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens)
+            for choice in event.choices:
+                if choice.index != 0:
+                    continue  # we always ask for n=1; the gateway fans out itself
+                text = (choice.delta.content if choice.delta else None) if chat else choice.text
+                if choice.finish_reason:
+                    finish = "length" if choice.finish_reason == "length" else "stop"
+                if text:
+                    num_text_chunks += 1
+                    last = time.monotonic()
+                    yield Chunk(text=text)
+        if finish is None:
+            raise BackendUnavailable("The model backend ended the response early.")
+        if usage is None:
+            if not self._warned_no_usage:
+                log.warning("upstream %s sends no usage despite stream_options.include_usage; counting chunks", self.name)
+                self._warned_no_usage = True
+            usage = Usage(prompt_tokens=0, completion_tokens=num_text_chunks)
+        yield Chunk(finish_reason=finish, usage=usage)  # type: ignore[arg-type]
+
+    # ------------------------------------------------------------------ errors
+    def _status_error(self, status: int, body: bytes, retry_after: str | None) -> BackendError:
+        message, code = _error_message(body)
+        log.warning("upstream %s answered HTTP %d: %s", self.name, status, message)
+        retry_after_s = _parse_retry_after(retry_after)
+        if status == 429 or (status == 503 and retry_after_s is not None):
+            return BackendOverloaded("The model backend is overloaded; try again later.", retry_after_s=retry_after_s or 1.0)
+        if status >= 500 or status in _RETRIABLE_4XX:
+            return BackendUnavailable(f"The model backend failed (upstream HTTP {status}).", code="upstream_error")
+        if code == "context_length_exceeded" or "context length" in message.lower() or "maximum context" in message.lower():
+            return ContextLengthExceeded(message)
+        err = BackendRequestError(message, code=str(code) if code is not None else None)
+        if status not in _REQUEST_CAUSED:
+            err.code = err.code or f"upstream_{status}"
+        return err
+
+    def _stream_error(self, error: _UpstreamError) -> BackendError:
+        log.warning("upstream %s sent an error event: %s", self.name, error.message)
+        if error.type == "invalid_request_error" or error.code in (400, "400"):
+            return BackendRequestError(error.message)
+        return BackendUnavailable("The model backend failed mid-response.", code="upstream_error")
+
+
+def _error_message(body: bytes) -> tuple[str, str | int | None]:
+    """Upstream's error message and code from an OpenAI-shaped (or flat) error body."""
+    try:
+        parsed = _error_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        text = body.decode("utf-8", "replace").strip()
+        return (text[:300] or "upstream error", None)
+    if isinstance(parsed.error, _UpstreamError):
+        return (parsed.error.message[:500], parsed.error.code)
+    return ((parsed.error or parsed.message or "upstream error")[:500], None)
+
+
+def _parse_retry_after(value: str | None) -> float | None:
+    """Retry-After as seconds (delta-seconds or an HTTP date), or None."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())

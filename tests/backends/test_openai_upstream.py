@@ -1,0 +1,202 @@
+"""OpenAIUpstreamBackend against a real HTTP upstream on 127.0.0.1 (tests/upstream_server.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from backends.base import (
+    Backend,
+    BackendError,
+    BackendOverloaded,
+    BackendRequestError,
+    BackendTimeout,
+    BackendUnavailable,
+    Chunk,
+    ContextLengthExceeded,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+)
+from backends.openai_upstream import OpenAIUpstreamBackend
+from backends.registry import backend_class
+from gateway.settings import OpenAIBackendConfig
+from tests.upstream_server import UpstreamServer
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[UpstreamServer]:
+    with UpstreamServer("up1") as server:
+        yield server
+
+
+def make_backend(url: str, model: str = "tiny", **kw: object) -> OpenAIUpstreamBackend:
+    return OpenAIUpstreamBackend("remote", OpenAIBackendConfig(base_url=url, model=model, **kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def started(upstream: UpstreamServer) -> AsyncIterator[OpenAIUpstreamBackend]:
+    backend = make_backend(upstream.url)
+    await backend.start()
+    yield backend
+    await backend.close()
+
+
+def chat(text: str = "hi", **kw: object) -> GenerationRequest:
+    return GenerationRequest(request_id="r1", model="public", messages=[Message(role="user", content=text)], **kw)  # type: ignore[arg-type]
+
+
+async def collect(backend: OpenAIUpstreamBackend, request: GenerationRequest) -> list[Chunk]:
+    return [c async for c in backend.generate(request)]
+
+
+async def test_registry_and_protocol(upstream: UpstreamServer) -> None:
+    assert backend_class("openai") is OpenAIUpstreamBackend
+    assert isinstance(make_backend(upstream.url), Backend)
+
+
+async def test_chat_streams_and_forwards_params(upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("UPSTREAM_KEY", "sk-test-123")
+    backend = make_backend(upstream.url, model="tiny?tokens=4", api_key_env="UPSTREAM_KEY")
+    await backend.start()
+    try:
+        sampling = SamplingParams(temperature=0.2, top_p=0.9, top_k=5, seed=42, stop=("END",))
+        chunks = await collect(backend, chat(max_tokens=10, sampling=sampling, raw={"user": "u1", "n": 3}))
+    finally:
+        await backend.close()
+    assert "".join(c.text for c in chunks) == "up1 w1 w2 w3 "
+    last = chunks[-1]
+    assert last.finish_reason == "stop" and last.usage is not None
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (7, 4)
+    body = upstream.app.last_body
+    assert body is not None
+    assert body["model"] == "tiny?tokens=4" and body["stream"] is True
+    assert body["stream_options"] == {"include_usage": True}
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+    assert (body["temperature"], body["top_p"], body["top_k"], body["seed"], body["stop"], body["max_tokens"]) == (0.2, 0.9, 5, 42, ["END"], 10)
+    assert body["user"] == "u1" and "n" not in body  # n is the gateway's job
+    assert upstream.app.last_headers["authorization"] == "Bearer sk-test-123"
+    assert upstream.app.last_headers["x-request-id"] == "r1"
+
+
+async def test_completions_length_and_missing_usage(upstream: UpstreamServer) -> None:
+    backend = make_backend(upstream.url, model="tiny?tokens=2&no_usage=1")
+    await backend.start()
+    try:
+        req = GenerationRequest(request_id="r2", model="m", prompt="Once", max_tokens=2)
+        chunks = await collect(backend, req)
+    finally:
+        await backend.close()
+    assert upstream.app.last_body is not None and upstream.app.last_body["prompt"] == "Once"
+    assert chunks[-1].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2  # counted, not lost
+
+
+@pytest.mark.parametrize(
+    ("model", "error", "retriable"),
+    [
+        ("x?status=400", BackendRequestError, False),
+        ("x?status=400&code=ctx", ContextLengthExceeded, False),
+        ("x?status=422", BackendRequestError, False),
+        ("x?status=429&retry_after=3", BackendOverloaded, True),
+        ("x?status=500", BackendUnavailable, True),
+        ("x?status=503", BackendUnavailable, True),
+        ("x?status=401", BackendUnavailable, True),
+    ],
+)
+async def test_upstream_status_mapping(upstream: UpstreamServer, model: str, error: type, retriable: bool) -> None:
+    backend = make_backend(upstream.url, model=model)
+    await backend.start()
+    try:
+        with pytest.raises(error) as info:
+            await collect(backend, chat())
+    finally:
+        await backend.close()
+    assert info.value.retriable is retriable
+    if error is BackendRequestError:
+        assert "upstream says" in info.value.message  # upstream's own message reaches the client
+    if error is BackendOverloaded:
+        assert info.value.retry_after_s == 3.0
+    assert "127.0.0.1" not in info.value.message
+
+
+async def test_connection_refused_is_unavailable() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    backend = make_backend(f"http://127.0.0.1:{port}/v1")
+    await backend.start()
+    try:
+        with pytest.raises(BackendUnavailable):
+            await collect(backend, chat())
+    finally:
+        await backend.close()
+
+
+@pytest.mark.parametrize(
+    ("model", "timeouts", "num_text_before"),
+    [
+        ("x?first_delay=3", {"first_token_timeout_s": 0.3}, 0),
+        ("x?tokens=5&delay=3", {"idle_timeout_s": 0.3}, 1),
+        ("x?tokens=50&delay=0.1", {"total_timeout_s": 0.5}, None),
+    ],
+)
+async def test_timeouts(upstream: UpstreamServer, model: str, timeouts: dict, num_text_before: int | None) -> None:
+    backend = make_backend(upstream.url, model=model, **timeouts)
+    await backend.start()
+    got: list[Chunk] = []
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(BackendTimeout):
+            async for chunk in backend.generate(chat()):
+                got.append(chunk)
+    finally:
+        await backend.close()
+    assert time.monotonic() - t0 < 2.0
+    if num_text_before is not None:
+        assert len(got) == num_text_before
+    else:
+        assert 0 < len(got) < 50
+
+
+async def test_connection_cut_mid_stream(upstream: UpstreamServer) -> None:
+    backend = make_backend(upstream.url, model="x?tokens=5&cut=2")
+    await backend.start()
+    got: list[Chunk] = []
+    try:
+        with pytest.raises(BackendError):
+            async for chunk in backend.generate(chat()):
+                got.append(chunk)
+    finally:
+        await backend.close()
+    assert [c.text for c in got] == ["up1 ", "w1 "]
+
+
+async def test_missing_api_key_env_fails_start(upstream: UpstreamServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIBOX_TEST_NO_SUCH_KEY", raising=False)
+    backend = make_backend(upstream.url, api_key_env="AIBOX_TEST_NO_SUCH_KEY")
+    with pytest.raises(BackendError, match="AIBOX_TEST_NO_SUCH_KEY"):
+        await backend.start()
+
+
+async def test_concurrent_streams_share_the_pool(upstream: UpstreamServer) -> None:
+    backend = make_backend(upstream.url, model="tiny?tokens=8&delay=0.01", max_connections=16)
+    await backend.start()
+    try:
+        results = await asyncio.gather(*(collect(backend, chat()) for _ in range(48)))
+    finally:
+        await backend.close()
+    assert all(r[-1].usage is not None and r[-1].usage.completion_tokens == 8 for r in results)
+    assert backend.stats()["in_flight"] == 0 and backend.stats()["num_failures_total"] == 0
+
+
+async def test_early_close_releases_the_request(started: OpenAIUpstreamBackend, upstream: UpstreamServer) -> None:
+    gen = started.generate(chat())
+    first = await anext(gen)  # type: ignore[call-overload]
+    assert first.text == "up1 "
+    await gen.aclose()  # the client went away
+    assert started.stats()["in_flight"] == 0
