@@ -52,10 +52,12 @@ class LlamaModel:
         n_threads: int,
         n_gpu_layers: int = 0,
         kv_unified: bool = True,
+        repack_weights: bool = True,
     ) -> None:
         _init_backend()
         model_params = lc.llama_model_default_params()
         model_params.n_gpu_layers = n_gpu_layers
+        model_params.use_extra_bufts = repack_weights
         self._model = lc.llama_model_load_from_file(path.encode(), model_params)
         if not self._model:
             raise RuntimeError(f"llama.cpp could not load {path}")
