@@ -24,6 +24,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from gateway import audit_queries as queries
 from gateway.audit_quota import QuotaTracker, iso
 from gateway.audit_schema import connect
@@ -52,6 +54,12 @@ def parse_time(text: str) -> float:
     return (dt if dt.tzinfo else dt.replace(tzinfo=timezone.utc)).timestamp()
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
 def _time_range(args: argparse.Namespace, default_since: str | None) -> tuple[float | None, float | None]:
     if args.since and args.from_:
         raise ValueError("use either --since or --from/--to, not both")
@@ -71,7 +79,7 @@ def _audit_settings(args: argparse.Namespace) -> AuditSettings:
     if args.db and not Path(args.config).exists():
         return AuditSettings(path=args.db)  # a bare database: no config needed
     settings = load(args.config).audit
-    return AuditSettings(**{**{f: getattr(settings, f) for f in settings.__struct_fields__}, "path": args.db or settings.path})
+    return msgspec.structs.replace(settings, path=args.db) if args.db else settings
 
 
 def _open(settings: AuditSettings) -> Any:
@@ -259,11 +267,11 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_run(cmd_summary))
     p = sub.add_parser("requests", parents=[common, fmt, when, filt], help="latest requests, newest first")
     p.add_argument("--id", help="one request id")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=_positive_int, default=50)
     p.set_defaults(func=_run(cmd_requests))
     p = sub.add_parser("top", parents=[common, fmt, when], help="heaviest users by tokens (default: last 24h)")
     p.add_argument("--by", choices=["subject", "tenant", "model", "deployment"], default="subject")
-    p.add_argument("--limit", type=int, default=10)
+    p.add_argument("--limit", type=_positive_int, default=10)
     p.set_defaults(func=_run(cmd_top))
     p = sub.add_parser("export", parents=[common, when, filt], help="every matching request, streamed")
     p.add_argument("--format", choices=["csv", "jsonl", "json"], default="csv")
