@@ -219,6 +219,8 @@ async def _open_with_failover(
         backend = services.backends.get(attempt.backend)
         if backend is None:
             continue
+        if k and asyncio.get_running_loop().time() >= deadline:
+            break  # the request's deadline is spent; the deployments left are not at fault (no cooldown)
         if k:
             call.retries += 1
             call.fallbacks += attempt.is_fallback
@@ -467,6 +469,7 @@ async def _stream(
     choices = [_Choice(i, s) for i, s in enumerate(subs)]
     finished_cleanly = False
     ok = True
+    retriable = False  # a mid-stream failure of the deployment (not failover-able) still counts toward cooldown
     try:
         if opened is None:
             assert pending is not None and shape_for is not None
@@ -500,7 +503,7 @@ async def _stream(
                 if chunk.finish_reason is not None:
                     yield shape.finish_chunk(i, chunk.finish_reason)
         except BackendError as exc:
-            ok = False
+            ok, retriable = False, exc.retriable
             err = from_backend_error(exc)
             call.fail(err)
             log.warning("stream %s failed mid-way: %s", call.request_id, exc.message)
@@ -511,7 +514,7 @@ async def _stream(
         if services.settings.audit.store_content:
             call.response_content = encoder.encode(["".join(c.text) for c in choices]).decode()
         await _close_streams(opened)
-        _end_attempt(services, call, opened, ok=ok)
+        _end_attempt(services, call, opened, ok=ok, retriable=retriable)
         await _finish(services, call)  # committed before [DONE]
         finished_cleanly = True
         yield DONE
