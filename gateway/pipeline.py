@@ -19,6 +19,7 @@ from typing import Any
 
 import msgspec
 from litestar import Request, Response
+from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 
 from backends.base import Backend, BackendError, BackendTimeout, Chunk, GenerationRequest, Usage
@@ -26,6 +27,8 @@ from gateway import convert
 from gateway.errors import (
     APIError,
     Forbidden,
+    InvalidRequest,
+    PayloadTooLarge,
     ModelNotFound,
     QuotaExceeded,
     RateLimited,
@@ -142,8 +145,10 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
             call.principal = services.authenticator.authenticate(request.headers.get("authorization"))
         except auth_policy.AuthError as exc:
             raise Unauthorized(exc.message) from None
-    body = convert.decode_body(await request.body(), call.endpoint, settings.server)
+    body = convert.decode_body(await _read_body(request, settings.server.max_body_bytes), call.endpoint, settings.server)
     call.model_requested, call.stream, call.user = body.model, bool(body.stream), body.user
+    if not body.model:
+        raise InvalidRequest("You must provide a model parameter.", param="model")
     # HOOK(routing)
     try:
         attempts = services.router.plan(body.model, call.principal)
@@ -158,7 +163,7 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
         else convert.completion_requests(body, call.request_id, model.name, settings.server)  # type: ignore[arg-type]
     )
     if settings.audit.store_content:
-        call.request_content = (await request.body()).decode("utf-8", "replace")
+        call.request_content = (await request.body()).decode("utf-8", "replace")  # cached by Litestar
     # HOOK(quota)
     if services.audit is not None:
         await _check_quota(services, call)
@@ -587,6 +592,13 @@ def _overhead_ms(call: Call) -> float:
     end = call.t_last or call.t_first
     backend = (end - call.t_backend) if end and call.t_backend else 0.0
     return max(0.0, (now - call.t0 - backend) * 1000)
+
+
+async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+    try:
+        return await request.body()
+    except RequestEntityTooLarge:
+        raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.") from None
 
 
 def _request_id_header(request: Request[Any, Any, Any]) -> str | None:

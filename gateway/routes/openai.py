@@ -7,6 +7,7 @@ from typing import Any
 
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
+from litestar.params import FromPath
 
 from gateway import pipeline
 from gateway.errors import ModelNotFound, Unauthorized
@@ -65,7 +66,7 @@ async def list_models(request: Request[Any, Any, Any], state: State) -> Response
 
 
 @get("/v1/models/{model_id:path}", summary="Retrieve a model")
-async def get_model(model_id: str, request: Request[Any, Any, Any], state: State) -> Response[Any]:
+async def get_model(model_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> Response[Any]:
     services = services_of(state)
     principal = _principal(services, request)
     model_id = model_id.lstrip("/")
