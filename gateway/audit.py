@@ -148,12 +148,17 @@ class AuditStore:
         return committed
 
     def health(self) -> dict[str, Any]:
-        """Readiness detail: ok is False while commits fail or rows have been dropped."""
+        """Readiness detail for /ready.
+
+        `ok` is False only when the writer has stopped: while commits fail the gateway keeps
+        serving (rows are buffered), so `failing` and `detail` say so loudly instead of
+        taking the instance out of rotation.
+        """
         w = self._writer
         if w is None:
             return {"ok": False, "detail": "audit store not started"}
         failing_for = None if w.failing_since is None else round(time.monotonic() - w.failing_since, 1)
-        ok = w.is_alive() and failing_for is None and w.num_dropped == 0
+        ok = w.is_alive()
         detail = "ok"
         if not w.is_alive():
             detail = "audit writer stopped"
@@ -163,6 +168,7 @@ class AuditStore:
             detail = f"{w.num_dropped} rows dropped after the buffer filled ({w.last_error})"
         return {
             "ok": ok,
+            "failing": failing_for is not None,
             "detail": detail,
             "queue_depth": w.queue_depth,
             "failing_for_s": failing_for,

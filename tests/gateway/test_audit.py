@@ -1,0 +1,193 @@
+"""AuditStore against a real SQLite file: rows, group commit, failure buffering, close, retention."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from gateway.audit import AuditRecord, AuditStore
+from gateway.audit_schema import MIGRATIONS, connect
+from gateway.settings import AuditSettings
+
+NOW = 1_795_000_000.0  # a fixed "now" (2026-11-18T...Z) for the injected clock
+
+
+def make_row(i: int = 0, **kw: object) -> AuditRecord:
+    fields: dict[str, object] = dict(
+        request_id=f"chatcmpl-{i}", ts=NOW + i * 0.001, subject="alice", tenant="acme", status=200,
+        model_requested="gemma", model_served="gemma", deployment="fake1", backend_type="fake",
+        prompt_tokens=7, completion_tokens=11, total_ms=12.5, ttft_ms=3.0,
+    )  # fmt: skip
+    fields.update(kw)
+    return AuditRecord(**fields)  # type: ignore[arg-type]
+
+
+def rows(path: Path, sql: str = "SELECT * FROM requests ORDER BY id", params: tuple = ()) -> list[sqlite3.Row]:
+    conn = sqlite3.connect(path)
+    conn.row_factory = sqlite3.Row
+    try:
+        return conn.execute(sql, params).fetchall()
+    finally:
+        conn.close()
+
+
+async def wait_until(predicate, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    """Poll a condition owned by the writer thread (a real thread: there is no clock to inject)."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "audit" / "usage.db"  # a folder that does not exist yet: created on start
+
+
+async def started(db_path: Path, **kw: object) -> AuditStore:
+    opts = {k: kw.pop(k) for k in list(kw) if k in ("commit_wait_s", "busy_timeout_ms", "close_timeout_s", "clock")}
+    store = AuditStore(AuditSettings(path=str(db_path), **kw), **opts)  # type: ignore[arg-type]
+    await store.start()
+    return store
+
+
+async def test_row_round_trips_every_field(db_path: Path) -> None:
+    store = await started(db_path)
+    row = make_row(
+        1, stream=True, status=500, error_type="server_error", error_code="backend_error", finish_reason="length",
+        queue_ms=1.5, retries=1, fallbacks=1, user="u-42", client_retry_count=2, tier="gold", endpoint="completions",
+        request_content="secret prompt", response_content="secret answer",
+    )  # fmt: skip
+    assert await store.record(row) is True
+    await store.close()
+    (got,) = rows(db_path)
+    expected = msgspec.structs.asdict(row) | {"request_content": None, "response_content": None, "stream": 1}
+    assert {k: got[k] for k in expected} == expected
+    assert got["model"] == "gemma"
+
+
+async def test_content_kept_only_when_configured(db_path: Path) -> None:
+    store = await started(db_path, store_content=True)
+    await store.record(make_row(request_content="hi", response_content="hello"))
+    await store.close()
+    (got,) = rows(db_path)
+    assert (got["request_content"], got["response_content"]) == ("hi", "hello")
+
+
+async def test_rejected_request_groups_under_requested_model(db_path: Path) -> None:
+    store = await started(db_path)
+    await store.record(make_row(model_served=None, deployment=None, status=404, error_code="model_not_found",
+                                model_requested="nope", prompt_tokens=0, completion_tokens=0))  # fmt: skip
+    await store.close()
+    (got,) = rows(db_path)
+    assert (got["model"], got["status"], got["deployment"]) == ("nope", 404, None)
+    (day,) = rows(db_path, "SELECT * FROM daily_usage")
+    assert (day["model"], day["errors"], day["deployment"]) == ("nope", 1, "")
+
+
+async def test_concurrent_records_share_transactions(db_path: Path) -> None:
+    store = await started(db_path)
+    results = await asyncio.gather(*(store.record(make_row(i)) for i in range(300)))
+    stats = store.stats()
+    await store.close()
+    assert all(results)
+    assert stats["rows_written"] == 300
+    assert stats["batches"] < 300 and stats["max_batch_rows"] > 1  # group commit happened
+    assert len(rows(db_path)) == 300
+    (day,) = rows(db_path, "SELECT * FROM daily_usage")
+    assert (day["requests"], day["prompt_tokens"], day["completion_tokens"]) == (300, 300 * 7, 300 * 11)
+
+
+async def test_migrations_recorded_and_idempotent(db_path: Path) -> None:
+    store = await started(db_path)
+    await store.close()
+    db = connect(db_path)  # second open applies nothing
+    names = [r["name"] for r in db["_migrations"].rows]
+    assert names == [fn.__name__ for fn in MIGRATIONS]
+    indexes = {idx.name for idx in db["requests"].indexes}
+    assert {"idx_requests_ts", "idx_requests_tenant_ts", "idx_requests_subject_ts", "idx_requests_model_ts",
+            "idx_requests_status_ts", "idx_requests_request_id"} <= indexes  # fmt: skip
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_locked_database_buffers_rows_then_recovers(db_path: Path) -> None:
+    store = await started(db_path, commit_wait_s=0.3, busy_timeout_ms=50)
+    assert await store.record(make_row(0)) is True
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
+    started_at = time.monotonic()
+    assert await store.record(make_row(1)) is False  # served anyway, after a bounded wait
+    assert time.monotonic() - started_at < 2.0
+    await wait_until(lambda: store.health()["failing"])
+    fast = time.monotonic()
+    assert await store.record(make_row(2)) is False  # known failing: no wait at all
+    assert time.monotonic() - fast < 0.1
+    health, stats = store.health(), store.stats()
+    assert health["ok"] and "database is locked" in health["detail"] and health["queue_depth"] >= 2
+    assert stats["commit_failures"] >= 1 and stats["failing"] == 1
+    locker.execute("ROLLBACK")
+    locker.close()
+    await wait_until(lambda: store.stats()["rows_written"] == 3)
+    assert not store.health()["failing"]
+    await store.close()
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+
+
+async def test_buffer_overflow_drops_and_counts(db_path: Path) -> None:
+    store = await started(db_path, commit_wait_s=0.2, busy_timeout_ms=20, buffer_rows=3, close_timeout_s=1.0)
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    for i in range(6):
+        await store.record(make_row(i))
+    assert store.stats()["rows_dropped"] == 3
+    assert "dropped" in store.health()["detail"] or store.health()["failing"]
+    locker.execute("ROLLBACK")
+    locker.close()
+    await store.close()  # flushes what was buffered
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+
+
+async def test_close_flushes_rows_nobody_waited_for(db_path: Path) -> None:
+    store = await started(db_path)
+    tasks = [asyncio.ensure_future(store.record(make_row(i))) for i in range(500)]
+    await asyncio.sleep(0)  # every task has queued its row; none has been committed yet for sure
+    for t in tasks:
+        t.cancel()  # the clients went away: their rows must still be written
+    await store.close()
+    assert len(rows(db_path)) == 500
+
+
+async def test_unencodable_row_is_isolated(db_path: Path) -> None:
+    store = await started(db_path)
+    good = [store.record(make_row(i)) for i in range(3)]
+    bad = store.record(make_row(99, user={"not": "a string"}))  # type: ignore[arg-type]
+    results = await asyncio.gather(*good, bad)
+    stats = store.stats()
+    await store.close()
+    assert results[-1] is False and stats["rows_rejected"] == 1
+    assert sorted(r["request_id"] for r in rows(db_path)) == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+
+
+async def test_automatic_retention_prunes_whole_old_days(db_path: Path) -> None:
+    store = await started(db_path, clock=lambda: NOW)
+    for i, age_days in enumerate([10, 5, 2.5, 0.1]):
+        await store.record(make_row(i, ts=NOW - age_days * 86400))
+    await store.close()
+    store = await started(db_path, clock=lambda: NOW, retention_days=3)
+    await wait_until(lambda: store.stats()["rows_pruned"] == 2)
+    await store.close()
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-2", "chatcmpl-3"]
+    days = [r["day"] for r in rows(db_path, "SELECT day FROM daily_usage ORDER BY day")]
+    assert len(days) == 2  # rollup days follow the rows
+
+
+async def test_record_after_close_is_counted_not_raised(db_path: Path) -> None:
+    store = await started(db_path)
+    await store.close()
+    assert await store.record(make_row()) is False
+    assert store.health()["ok"] is False
