@@ -24,9 +24,9 @@ from typing import Any
 
 import jwt
 
-from gateway.settings import AuthSettings, ConfigError
+from gateway.settings import AuthSettings, ConfigError, Settings
 from policies.jwks import JwksCache
-from policies.revocation import RevocationList
+from policies.revocation import RevocationList, revocation_path
 
 log = logging.getLogger("aibox.auth")
 
@@ -238,3 +238,16 @@ def warn_if_disabled(settings: AuthSettings) -> bool:
         "\n!! Use this only on a trusted machine; never expose this gateway to a network.\n" + "!" * 72
     )
     return True
+
+
+def build_authenticator(settings: Settings) -> Authenticator:
+    """The Authenticator `[auth]` asks for, with the deny list beside the audit database."""
+    revocations = RevocationList(revocation_path(settings.auth.revocation_path, settings.audit.path))
+    return Authenticator(settings.auth, revocations=revocations)
+
+
+def ensure_dev_secret(settings: Settings, config_path: str | Path) -> str | None:
+    """See `policies.tokens.ensure_dev_secret` (re-exported here for `aibox serve`)."""
+    from policies.tokens import ensure_dev_secret as ensure
+
+    return ensure(settings, config_path)

@@ -269,10 +269,16 @@ def format_duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def _tier_has_limits(tier: TierSettings) -> bool:
+    sets = [tier.principal, tier.tenant, tier.model, *tier.models.values()]
+    return any(ls.requests_per_minute or ls.tokens_per_minute or ls.max_concurrent for ls in sets)
+
+
 def build_limiter(settings: Settings, *, clock: Callable[[], float] | None = None) -> RateLimiter | None:
-    """The limiter `[ratelimit]` asks for, or None when disabled. Redis is imported only if used."""
+    """The limiter `[ratelimit]` asks for; None when disabled or no tier sets any limit.
+    Redis is imported only if used."""
     rl = settings.ratelimit
-    if not rl.enabled:
+    if not rl.enabled or not any(_tier_has_limits(t) for t in rl.tiers.values()):
         return None
     lease_s = settings.server.request_timeout_s + 60.0
     if rl.store == "redis":
