@@ -8,6 +8,8 @@ deployments: `model = "tiny?tokens=5&delay=0.01&first_delay=0.2&status=503&retry
   retry_after  Retry-After header on an error answer
   no_usage     never send a usage chunk (like servers that ignore stream_options)
   cut          close the connection abruptly after this many tokens
+A message (or prompt) starting with `opts:` adds options for that one request (`opts:first_delay=2`),
+and `UpstreamApp.force_status` makes every request fail until reset.
 Run in a thread (`UpstreamServer`) or as a process that can be killed
 (`python -m tests.upstream_server --name NAME`, prints `PORT <n>`).
 """
@@ -38,6 +40,7 @@ class UpstreamApp:
         self.by_model: Counter[str] = Counter()
         self.last_body: dict[str, Any] | None = None
         self.last_headers: dict[str, str] = {}
+        self.force_status: int | None = None  # tests flip this to make the whole server fail
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -65,7 +68,13 @@ class UpstreamApp:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            await self._generate(path, req, dict(parse_qsl(model.partition("?")[2])), send)
+            opts = dict(parse_qsl(model.partition("?")[2]))
+            text = str(req.get("prompt") or (req.get("messages") or [{}])[-1].get("content") or "")
+            if text.startswith("opts:"):
+                opts.update(parse_qsl(text[5:].split()[0] if text[5:].split() else ""))
+            if self.force_status is not None:
+                opts["status"] = str(self.force_status)
+            await self._generate(path, req, opts, send)
         finally:
             self.in_flight -= 1
 
