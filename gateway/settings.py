@@ -237,12 +237,35 @@ def parse(data: dict, *, base_dir: Path | None = None) -> Settings:
     """Validate an already-parsed TOML document."""
     if base_dir is not None:
         data = _resolve_paths(data, base_dir)  # type: ignore[assignment]
+    _check_keyed_tables(data)
     try:
         settings = msgspec.convert(data, Settings, strict=True)
     except msgspec.ValidationError as exc:
         raise ConfigError(_humanize(str(exc))) from None
     validate(settings)
     return settings
+
+
+def _check_keyed_tables(data: dict) -> None:
+    """msgspec reports a bad entry of a keyed table as `backends[...]`; check entries one by one
+    so the message names the key the admin wrote."""
+    tables: list[tuple[str, object, type]] = [("backends", data.get("backends"), BackendConfig)]  # type: ignore[list-item]
+    ratelimit = data.get("ratelimit") if isinstance(data.get("ratelimit"), dict) else {}
+    tiers = ratelimit.get("tiers") if isinstance(ratelimit.get("tiers"), dict) else {}
+    for name, tier in tiers.items():
+        if isinstance(tier, dict):
+            tables.append((f"ratelimit.tiers.{name}.models", tier.get("models"), LimitSet))
+    tables.append(("ratelimit.tiers", tiers, TierSettings))
+    audit = data.get("audit") if isinstance(data.get("audit"), dict) else {}
+    tables += [(f"audit.{k}", audit.get(k), QuotaSettings) for k in ("tenant_quotas", "subject_quotas")]
+    for path, table, typ in tables:
+        if not isinstance(table, dict):
+            continue
+        for key, value in table.items():
+            try:
+                msgspec.convert(value, typ, strict=True)
+            except msgspec.ValidationError as exc:
+                raise ConfigError(_humanize(str(exc), prefix=f"{path}.{key}")) from None
 
 
 def load(path: str | Path) -> Settings:
@@ -262,11 +285,14 @@ def load(path: str | Path) -> Settings:
         raise ConfigError(f"{path}: {exc}") from None
 
 
-def _humanize(msg: str) -> str:
-    # msgspec says "Object contains unknown field `x` - at `$.backends.gemma`"; turn the JSON
-    # path into TOML's dotted form so the admin can find the key.
-    msg = msg.replace("`$.", "`").replace("`$`", "top level").replace("$[", "[")
-    return msg.replace("- at `", "(at `").rstrip() + (")" if "(at `" in msg.replace("- at `", "(at `") else "")
+def _humanize(msg: str, prefix: str = "") -> str:
+    """msgspec's "Object contains unknown field `x` - at `$.server`" -> "... (at `server`)"."""
+    text, sep, path = msg.partition(" - at `")
+    if not sep:
+        return f"{text} (at `{prefix}`)" if prefix else text
+    path = path.rstrip("`").removeprefix("$")
+    where = (prefix + path) if prefix else path.removeprefix(".")
+    return f"{text} (at `{where or 'top level'}`)"
 
 
 def validate(settings: Settings) -> None:
