@@ -132,17 +132,25 @@ class RedisStore:
         *,
         clock: Callable[[], float] | None = None,
         prefix: str = "aibox:rl:",
-        timeout_s: float = 0.5,
+        timeout_s: float = 1.0,
         retry_s: float = 1.0,
+        max_connections: int = 64,
     ) -> None:
         self.clock = clock  # None: Redis TIME, one clock for every process
         self.prefix = prefix
         self.retry_s = retry_s
-        # One quick reconnect attempt (a pooled connection may be stale after a Redis restart);
-        # no backoff: the request is waiting.
-        self._client = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, retry=Retry(NoBackoff(), 1)
+        # A blocking pool: a burst of requests queues for a connection instead of failing with
+        # MaxConnectionsError (which would count as an outage). One quick reconnect attempt (a
+        # pooled connection may be stale after a Redis restart); no backoff: the request waits.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=2.0,
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1),
         )
+        self._client = aioredis.Redis(connection_pool=pool)
         self._reserve = self._client.register_script(_RESERVE)
         self._settle = self._client.register_script(_SETTLE)
         self._open_until = float("-inf")
@@ -191,4 +199,5 @@ class RedisStore:
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._client.connection_pool.disconnect()
 
