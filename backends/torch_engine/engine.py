@@ -92,7 +92,7 @@ class Engine:
         self.queue_size = queue_size
         self._decode = decode
         self._clock = clock
-        self._on_request_finished = on_request_finished
+        self.on_request_finished = on_request_finished
         self._requests: dict[int, _Request] = {}
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
@@ -238,13 +238,13 @@ class Engine:
         self.scheduler.finish(seq)
         self.runner.release(seq.seq_id)
         seq.times.finished = self._clock()
-        if self._on_request_finished is None:
+        if self.on_request_finished is None:
             return
         t = seq.times
         tpot = None
         if t.first_token is not None and seq.num_output_tokens > 1:
             tpot = (t.finished - t.first_token) / (seq.num_output_tokens - 1)
-        self._on_request_finished(
+        self.on_request_finished(
             RequestMetrics(
                 queue_s=t.queue_s if t.queue_s is not None else t.finished - t.arrival,
                 ttft_s=t.ttft_s,
