@@ -15,7 +15,8 @@ from backends.base import Backend
 from backends.registry import create_backend
 from gateway.errors import handle_exception
 from gateway.pipeline import Services
-from gateway.routes import health, openai
+from gateway.drain import Drain
+from gateway.routes import health, metrics, openai
 from gateway.settings import Settings
 from policies.routing import Router
 
@@ -43,6 +44,9 @@ async def build_services(settings: Settings, *, reuse: dict[str, Backend] | None
 
         services.audit = AuditStore(settings.audit)
     # HOOK(metrics)
+    from gateway.metrics import Metrics
+
+    services.metrics = Metrics(settings)
     return services
 
 
@@ -77,6 +81,7 @@ async def close_services(services: Services, *, backends: bool = True) -> None:
 
 def create_app(settings: Settings, *, config_path: str | None = None) -> Litestar:
     """The ASGI app for these settings. `config_path` enables hot reload (SIGHUP)."""
+    drain = Drain(settings.server.shutdown_timeout_s)
 
     @asynccontextmanager
     async def lifespan(app: Litestar) -> AsyncIterator[None]:
@@ -89,6 +94,9 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
             if start is not None:
                 await start()
         state.services = services
+        state.drain = drain  # DrainingServer (aibox serve) drives it on SIGTERM
+        services.metrics.bind(lambda: getattr(state, "services", None))
+        await services.metrics.start()
         loader = asyncio.create_task(start_backends(services, state.load_errors))
         # HOOK(reload)
         try:
@@ -98,6 +106,7 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await close_services(state.services)
+            await services.metrics.close()
 
     return Litestar(
         route_handlers=[
@@ -107,7 +116,9 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
             openai.get_model,
             health.health,
             health.ready,
+            metrics.metrics,
         ],
+        middleware=[drain.middleware],
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=settings.server.max_body_bytes,

@@ -44,7 +44,9 @@ def serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     log.info("aibox serving on http://%s:%d/v1", host, port)
-    uvicorn.run(
+    from gateway.drain import DrainingServer
+
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
@@ -53,6 +55,7 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.server.shutdown_timeout_s) or None,
         lifespan="on",
     )
+    DrainingServer(config, app.state).run()  # SIGTERM: drain (see gateway/drain.py), then exit 0
     return 0
 
 

@@ -23,7 +23,7 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 
 from backends.base import Backend, BackendError, BackendTimeout, Chunk, GenerationRequest, Usage
-from gateway import convert
+from gateway import convert, request_log
 from gateway.errors import (
     APIError,
     Forbidden,
@@ -568,6 +568,7 @@ async def _finish(services: Services, call: Call) -> None:
             services.metrics.observe(call)
         except Exception:
             log.exception("metrics failed for %s", call.request_id)
+    request_log.log_call(call)
 
 
 def _audit_record(call: Call) -> Any:
