@@ -99,10 +99,18 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
         await services.metrics.start()
         loader = asyncio.create_task(start_backends(services, state.load_errors))
         # HOOK(reload)
+        reloader = None
+        if config_path is not None:
+            from gateway.reload import Reloader
+
+            reloader = state.reloader = Reloader(state, config_path)
+            reloader.install()  # SIGHUP, and the file watch when server.config_watch_s > 0
         try:
             yield
         finally:
             state.draining = True
+            if reloader is not None:
+                await reloader.aclose()
             loader.cancel()
             await asyncio.gather(loader, return_exceptions=True)
             await close_services(state.services)

@@ -44,6 +44,7 @@ class ServerSettings(_Strict):
     shutdown_timeout_s: NonNegFloat = 30.0
     log_format: Literal["text", "json"] = "text"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    config_watch_s: NonNegFloat = 0.0  # > 0: poll the config file every N s and hot-reload on change (SIGHUP always works)
 
 
 # --------------------------------------------------------------------------- [auth]
