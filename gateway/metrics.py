@@ -51,6 +51,8 @@ LIVE_SERIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "aibox_audit_rows_written": ("Audit rows committed.", "counter", "sum", ()),
     "aibox_audit_rows_dropped": ("Audit rows lost after the buffer filled.", "counter", "sum", ()),
     "aibox_audit_commit_failures": ("Audit commits that failed and were retried.", "counter", "sum", ()),
+    "aibox_ratelimit_store_errors": ("Rate-limit store (Redis) calls that failed.", "counter", "sum", ()),
+    "aibox_ratelimit_degraded_admissions": ("Requests admitted unchecked while the store was down (fail_open).", "counter", "sum", ()),
 }
 _ENGINE_STATS = {
     "num_requests_running": "aibox:num_requests_running",
@@ -100,6 +102,11 @@ def live_samples(services: Any) -> list[Sample]:
     if services.audit is not None and hasattr(services.audit, "stats"):
         stats = services.audit.stats()
         out.extend((series, {}, float(stats[key])) for key, series in _AUDIT_STATS.items() if stats.get(key) is not None)
+    limiter = services.limiter
+    if limiter is not None:
+        for attr, series in (("num_store_errors", "aibox_ratelimit_store_errors"), ("num_degraded_admissions", "aibox_ratelimit_degraded_admissions")):
+            if isinstance(getattr(limiter, attr, None), int):
+                out.append((series, {}, float(getattr(limiter, attr))))
     return out
 
 
