@@ -49,6 +49,7 @@ class ModelRunner:
             v[self.pad_slot :].zero_()
         self._generators: dict[int, torch.Generator] = {}
 
+    @torch.inference_mode()
     def execute(self, scheduled: Seq[ScheduledSequence]) -> list[tuple[Sequence, int]]:
         """Forward the step's tokens; return (sequence, sampled token) for rows that sample."""
         batch, sampling_seqs = self._prepare(scheduled)
