@@ -160,6 +160,10 @@ class Router:
             return "a [[routes]] rule pins it to backends that do not serve this model"
         return None
 
+    def why_denied(self, model_name: str, principal: Principal | None) -> str | None:
+        """Why the principal may not use this model (for operators), or None when it may."""
+        return self._denial(self.resolve(model_name), model_name, principal, self.rule_for(principal))
+
     def visible_models(self, principal: Principal | None) -> list[ModelSettings]:
         """Models this principal may use, in config order (for GET /v1/models)."""
         rule = self.rule_for(principal)
