@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import logging
 import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,10 @@ log = logging.getLogger("aibox.auth")
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 MIN_SECRET_BYTES = 32
+# Clients send the same token on every request; verified claims are remembered (exact token
+# string -> claims) for a while, with `exp` and revocation still checked on every use.
+_CACHE_SIZE = 10_000
+_CACHE_TTL_S = 60.0
 
 
 class AuthError(Exception):
@@ -100,6 +106,7 @@ class Authenticator:
         self._secret: str | None = None
         self._public_key: Any = None
         self._jwks = jwks
+        self._cache: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
         if self._algorithms & HMAC_ALGORITHMS:
             secret = hmac_secret_from_env(settings)
             if secret is None:
@@ -134,6 +141,26 @@ class Authenticator:
 
     def verify(self, token: str) -> dict[str, Any]:
         """Check signature and claims of a raw JWT; return its claims or raise AuthError."""
+        now = time.time()
+        cached = self._cache.get(token)
+        if cached is not None and now - cached[0] < _CACHE_TTL_S:
+            claims = cached[1]
+            exp = claims.get("exp")
+            if isinstance(exp, int | float) and exp <= now - self.settings.leeway_s:
+                del self._cache[token]
+                raise AuthError("Token has expired.")
+            self._cache.move_to_end(token)
+        else:
+            claims = self._verify_signature_and_claims(token)
+            self._cache[token] = (now, claims)
+            if len(self._cache) > _CACHE_SIZE:
+                self._cache.popitem(last=False)
+        jti = claims.get("jti")
+        if self.revocations is not None and isinstance(jti, str) and self.revocations.is_revoked(jti):
+            raise AuthError("Token has been revoked.")
+        return claims
+
+    def _verify_signature_and_claims(self, token: str) -> dict[str, Any]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -157,9 +184,7 @@ class Authenticator:
             raise AuthError(f"Token is missing the required '{exc.claim}' claim.") from None
         except jwt.PyJWTError as exc:
             raise AuthError(_message_for(exc)) from None
-        jti = claims.get("jti")
-        if self.revocations is not None and isinstance(jti, str) and self.revocations.is_revoked(jti):
-            raise AuthError("Token has been revoked.")
+        self._principal(claims)  # claim types are checked before the claims are cached
         return claims
 
     def _key_for(self, alg: str, kid: object) -> Any:

@@ -30,7 +30,19 @@ from policies.gcra import PERIOD_S, Outcome, Scope, ScopeState, reserve_all, set
 
 log = logging.getLogger("aibox.ratelimit")
 
-__all__ = ["LimitExceeded", "LimiterUnavailable", "MemoryStore", "RateLimiter", "Reservation", "Scope", "build_limiter"]
+__all__ = [
+    "PERIOD_S",
+    "LimitExceeded",
+    "LimiterUnavailable",
+    "MemoryStore",
+    "RateLimiter",
+    "Reservation",
+    "Scope",
+    "StoreUnavailable",
+    "build_limiter",
+    "format_duration",
+    "rate_headers",
+]
 
 
 class LimitExceeded(Exception):
@@ -286,6 +298,3 @@ def build_limiter(settings: Settings, *, clock: Callable[[], float] | None = Non
 
         return RateLimiter(rl, RedisStore(redis_url(rl), clock=clock), lease_s=lease_s)
     return RateLimiter(rl, MemoryStore(clock or time.monotonic), lease_s=lease_s)
-
-
-__all__ += ["PERIOD_S", "StoreUnavailable", "format_duration", "rate_headers"]

@@ -145,7 +145,7 @@ class RedisStore:
         pool = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=max_connections,
-            timeout=2.0,
+            timeout=10.0,  # queueing behind a burst is not an outage; socket timeouts catch a hung Redis
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
             retry=Retry(NoBackoff(), 1),

@@ -262,3 +262,16 @@ def test_jwks_key_pinned_to_other_alg_is_not_used(tmp_path: Path, rsa_key: rsa.R
         auth.authenticate(f"Bearer {token}")
     ok = jwt.encode(claims(iss=None, aud=None), rsa_key, algorithm="RS512", headers={"kid": "k1"})
     assert auth.authenticate(f"Bearer {ok}").subject == "alice"
+
+
+def test_cached_verification_still_expires(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Verified claims are cached per token string, but `exp` is checked on every use."""
+    monkeypatch.setenv(ENV, SECRET)
+    auth = Authenticator(AuthSettings(secret_env=ENV, leeway_s=0))
+    exp = int(time.time()) + 1
+    token = jwt.encode({"sub": "a", "exp": exp}, SECRET, algorithm="HS256")
+    auth.authenticate(f"Bearer {token}")
+    auth.authenticate(f"Bearer {token}")  # served from the cache
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    with pytest.raises(AuthError, match="expired"):
+        auth.authenticate(f"Bearer {token}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import stat
 import time
 from pathlib import Path
@@ -94,7 +95,7 @@ def test_ensure_dev_secret_generates_reuses_and_mints(tmp_path: Path, monkeypatc
     assert token is not None
     path = dev_secret_path(config)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert path.read_text().strip() == __import__("os").environ[ENV]
+    assert path.read_text().strip() == os.environ[ENV]
     principal = build_authenticator(settings).authenticate(f"Bearer {token}")
     assert principal.subject == "dev" and principal.may_use("anything")
     assert ensure_dev_secret(settings, config) is None  # the variable is now set: nothing to do
