@@ -31,6 +31,8 @@ from gateway.streaming import DONE, error_event
 
 log = logging.getLogger("aibox.drain")
 
+# Set in the ASGI scope of a request the drain aborted (the app then sees an http.disconnect).
+ABORTED_SCOPE_KEY = "aibox.drain_aborted"
 # Paths that stay open while draining: probes and scrapes.
 OPS_PATHS = ("/health", "/ready", "/metrics")
 _ABORTED = Unavailable("The server is shutting down; retry on another instance.", code="server_shutting_down")
@@ -38,9 +40,10 @@ _REFUSED = Unavailable("The server is shutting down and accepts no new requests.
 
 
 class _Active:
-    __slots__ = ("abort", "started", "is_sse", "complete")
+    __slots__ = ("scope", "abort", "started", "is_sse", "complete")
 
-    def __init__(self) -> None:
+    def __init__(self, scope: Any) -> None:
+        self.scope = scope
         self.abort = asyncio.Event()
         self.started = False
         self.is_sse = False
@@ -76,7 +79,7 @@ class Drain:
         return drain_middleware
 
     async def _run(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
-        act = _Active()
+        act = _Active(scope)
         self._active.add(act)
         self._idle.clear()
         body_done = False
@@ -134,6 +137,7 @@ class Drain:
         except TimeoutError:
             log.warning("drain timeout: aborting %d requests", self.num_active)
             for act in list(self._active):
+                act.scope[ABORTED_SCOPE_KEY] = True  # lets the pipeline tell a drain abort from a client leaving
                 act.abort.set()
             try:
                 await asyncio.wait_for(self._idle.wait(), 10.0)
