@@ -79,11 +79,26 @@ def create_token(args: argparse.Namespace) -> int:
         )
     except (ConfigError, ValueError) as exc:
         return _err(str(exc))
+    for note in _notes(settings, args.tier, scopes):
+        print(f"note: {note}", file=sys.stderr)
     claims = jwt.decode(token, options={"verify_signature": False})
     expires = dt.datetime.fromtimestamp(claims["exp"], dt.UTC).isoformat(timespec="seconds")
     print(f"jti={claims['jti']} expires={expires}", file=sys.stderr)
     print(token, flush=True)
     return 0
+
+
+def _notes(settings: Settings, tier: str | None, scopes: list[str]) -> list[str]:
+    """Likely mistakes worth a word (the token is still issued: config may change later)."""
+    notes = []
+    tiers = settings.ratelimit.tiers
+    if tier and tiers and tier not in tiers:
+        notes.append(f"tier {tier!r} is not in [ratelimit.tiers] ({', '.join(sorted(tiers))}); the default tier applies")
+    names = {n for m in settings.models for n in (m.name, *m.aliases)}
+    unknown = [s for s in scopes if s.startswith("model:") and names and s[6:] not in names]
+    if unknown:
+        notes.append(f"scopes name unknown models: {', '.join(unknown)}")
+    return notes
 
 
 def inspect_token(args: argparse.Namespace) -> int:

@@ -33,7 +33,8 @@ from policies.revocation import RevocationList, revocation_path
 log = logging.getLogger("aibox.auth")
 
 HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
-MIN_SECRET_BYTES = 32
+# RFC 7518 §3.2: an HMAC key at least as long as the hash output (pyjwt warns below that).
+MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # Clients send the same token on every request; verified claims are remembered (exact token
 # string -> claims) for a while, with `exp` and revocation still checked on every use.
 _CACHE_SIZE = 10_000
@@ -84,10 +85,11 @@ def hmac_secret_from_env(settings: AuthSettings) -> str | None:
     return os.environ.get(settings.secret_env) or None
 
 
-def check_secret_strength(secret: str, env_name: str) -> None:
-    """Refuse HMAC secrets too short to resist brute force (RFC 7518 §3.2)."""
-    if len(secret.encode()) < MIN_SECRET_BYTES:
-        raise ConfigError(f"auth.secret_env: the secret in ${env_name} must be at least {MIN_SECRET_BYTES} bytes long")
+def check_secret_strength(secret: str, env_name: str, algorithms: list[str]) -> None:
+    """Refuse HMAC secrets shorter than the longest configured HS* hash output."""
+    need = max((MIN_SECRET_BYTES[a] for a in algorithms if a in MIN_SECRET_BYTES), default=32)
+    if len(secret.encode()) < need:
+        raise ConfigError(f"auth.secret_env: the secret in ${env_name} must be at least {need} bytes long for {'/'.join(algorithms)}")
 
 
 class Authenticator:
@@ -111,7 +113,7 @@ class Authenticator:
             secret = hmac_secret_from_env(settings)
             if secret is None:
                 raise ConfigError(f"auth: HS* algorithms are configured but the environment variable {settings.secret_env} is not set")
-            check_secret_strength(secret, settings.secret_env)
+            check_secret_strength(secret, settings.secret_env, settings.algorithms)
             self._secret = secret
         if self._algorithms - HMAC_ALGORITHMS:
             if settings.public_key_file:

@@ -107,7 +107,7 @@ def _signing_key(settings: AuthSettings, alg: str, secret: str | None) -> Any:
         secret = secret or hmac_secret_from_env(settings)
         if not secret:
             raise ConfigError(f"auth: set the environment variable {settings.secret_env} to the gateway's HMAC secret")
-        check_secret_strength(secret, settings.secret_env)
+        check_secret_strength(secret, settings.secret_env, [alg])
         return secret
     if not settings.private_key_file:
         raise ConfigError(f"auth.private_key_file: needed to sign {alg} tokens")

@@ -203,6 +203,9 @@ def test_startup_errors_are_config_errors(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setenv(ENV, "short")
     with pytest.raises(ConfigError, match="at least 32 bytes"):
         Authenticator(AuthSettings(secret_env=ENV))
+    monkeypatch.setenv(ENV, SECRET)  # 52 bytes: enough for HS256, not for HS512
+    with pytest.raises(ConfigError, match="at least 64 bytes"):
+        Authenticator(AuthSettings(secret_env=ENV, algorithms=["HS256", "HS512"]))
     with pytest.raises(ConfigError, match="public_key_file"):
         Authenticator(AuthSettings(algorithms=["RS256"]))
     bad = tmp_path / "bad.pem"

@@ -166,3 +166,12 @@ def test_cli_refuses_without_secret_when_dev_generation_is_off(
     config = write_config(tmp_path, "dev_generate_secret = false")
     assert aibox(["token", "create", "--sub", "a", "--config", str(config)]) == 1
     assert ENV in capsys.readouterr().err
+
+
+def test_cli_create_notes_likely_mistakes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv(ENV, SECRET)
+    config = write_config(tmp_path, '[ratelimit.tiers.default]\nprincipal = { requests_per_minute = 5 }')
+    assert aibox(["token", "create", "--sub", "a", "--tier", "platinum", "--config", str(config)]) == 0
+    out = capsys.readouterr()
+    assert "tier 'platinum' is not in [ratelimit.tiers]" in out.err
+    assert len(out.out.strip().splitlines()) == 1  # stdout holds only the token
