@@ -150,3 +150,27 @@ def test_ready_reports_audit(server: tuple[LiveServer, Path]) -> None:
     s, _ = server
     detail = httpx.get(s.url + "/ready").json()
     assert detail["audit"]["ok"] is True and detail["audit"]["failing"] is False
+
+
+async def test_response_waits_for_the_commit(server: tuple[LiveServer, Path]) -> None:
+    """Another process holds the write lock: the response must not complete until the row is
+    committed (the kill -9 guarantee rests on this ordering)."""
+    import asyncio
+
+    s, db = server
+    locker = sqlite3.connect(db, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+            pending = asyncio.ensure_future(client.post(s.url + "/v1/chat/completions", json=body, headers=token("gina", "acme")))
+            await asyncio.sleep(0.5)
+            assert not pending.done(), "the response completed before its audit row could be committed"
+            locker.execute("ROLLBACK")
+            r = await pending
+    finally:
+        if locker.in_transaction:
+            locker.execute("ROLLBACK")
+        locker.close()
+    assert r.status_code == 200
+    assert row(db, r.json()["id"])["subject"] == "gina"
