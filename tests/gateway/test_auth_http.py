@@ -165,3 +165,103 @@ def test_token_budget_is_reconciled_with_real_usage(server: LiveServer) -> None:
         remaining_2 = int(second.headers["x-ratelimit-remaining-tokens"])
     # the unused part of the first reservation came back: only its real usage is charged
     assert remaining_1 - used <= remaining_2 <= remaining_1 - used + 5
+
+
+# --------------------------------------------------------------------------- shared Redis
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_gateway_config(folder: Path, redis_url: str, *, fail_open: bool) -> Path:
+    path = folder / "config.toml"
+    path.write_text(f"""
+[auth]
+secret_env = "{ENV}"
+issuer = "{ISS}"
+audience = "{AUD}"
+[ratelimit]
+store = "redis"
+redis_url_env = "AIBOX_TEST_NO_SUCH_VAR"
+redis_url = "{redis_url}"
+fail_open = {str(fail_open).lower()}
+[ratelimit.tiers.default]
+principal = {{ requests_per_minute = 20 }}
+[audit]
+enabled = false
+[backends.f]
+type = "fake"
+script = "{SCRIPT}"
+[[models]]
+name = "m"
+deployments = [{{ backend = "f" }}]
+""")
+    return path
+
+
+@pytest.mark.slow
+def test_two_gateway_processes_share_limits_through_redis(redis_server, tmp_path: Path) -> None:
+    """Two real `aibox serve` processes, one Redis: 60 concurrent requests, exactly 20 admitted."""
+    import os
+    import subprocess
+    import sys
+
+    config = _redis_gateway_config(tmp_path, redis_server.url, fail_open=True)
+    ports = [_free_port(), _free_port()]
+    env = {**os.environ, ENV: SECRET}
+    root = Path(__file__).resolve().parents[2]
+    logs = [tmp_path / f"gateway-{p}.log" for p in ports]  # a file, not a pipe: a full pipe would block the server
+    log_files = [log.open("wb") for log in logs]
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(p)],
+                         cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=f)  # fmt: skip
+        for p, f in zip(ports, log_files, strict=True)
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        for port, proc, log in zip(ports, procs, logs, strict=True):
+            while True:
+                assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, "gateway did not become ready"
+                time.sleep(0.1)
+        headers = {"authorization": "Bearer " + token("shared-user")}
+        body = {"model": "m", "messages": [{"role": "user", "content": "a"}], "max_tokens": 1}
+
+        async def fire() -> list[int]:
+            async with httpx.AsyncClient(timeout=30) as http:
+                calls = [http.post(f"http://127.0.0.1:{ports[i % 2]}/v1/chat/completions", json=body, headers=headers) for i in range(60)]
+                return [r.status_code for r in await asyncio.gather(*calls)]
+
+        codes = asyncio.run(fire())
+        assert codes.count(200) == 20 and codes.count(429) == 40, codes
+        redis_server.stop()  # outage with fail_open = true: requests are admitted, not failed
+        r = httpx.post(f"http://127.0.0.1:{ports[0]}/v1/chat/completions", json=body, headers=headers)
+        assert r.status_code == 200
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc, f in zip(procs, log_files, strict=True):
+            proc.wait(timeout=30)
+            f.close()
+
+
+def test_redis_down_fail_closed_is_503(redis_server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import load
+
+    monkeypatch.setenv(ENV, SECRET)
+    settings = load(_redis_gateway_config(tmp_path, redis_server.url, fail_open=False))
+    with serve(settings) as s, client(s, token("closed-user")) as c:
+        assert chat(c).choices  # Redis up: served
+        redis_server.stop()
+        with pytest.raises(openai.InternalServerError) as info:
+            chat(c)
+    assert info.value.status_code == 503 and info.value.response.headers["retry-after"] == "1"
+    assert "redis" not in info.value.message.lower()

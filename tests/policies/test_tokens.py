@@ -175,3 +175,25 @@ def test_cli_create_notes_likely_mistakes(tmp_path: Path, monkeypatch: pytest.Mo
     out = capsys.readouterr()
     assert "tier 'platinum' is not in [ratelimit.tiers]" in out.err
     assert len(out.out.strip().splitlines()) == 1  # stdout holds only the token
+
+
+def test_cli_signs_rs256_with_the_private_key_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    (tmp_path / "priv.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    (tmp_path / "pub.pem").write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    config = tmp_path / "config.toml"
+    config.write_text('[auth]\nalgorithms = ["RS256"]\npublic_key_file = "pub.pem"\nprivate_key_file = "priv.pem"\n')
+    assert aibox(["token", "create", "--sub", "svc", "--config", str(config)]) == 0
+    token = capsys.readouterr().out.strip().splitlines()[-1]
+    assert jwt.get_unverified_header(token)["alg"] == "RS256"
+    assert aibox(["token", "inspect", token, "--config", str(config)]) == 0
+    config.write_text('[auth]\nalgorithms = ["RS256"]\npublic_key_file = "pub.pem"\n')
+    assert aibox(["token", "create", "--sub", "svc", "--config", str(config)]) == 1
+    assert "private_key_file" in capsys.readouterr().err
