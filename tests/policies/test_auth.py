@@ -278,3 +278,38 @@ def test_cached_verification_still_expires(monkeypatch: pytest.MonkeyPatch) -> N
     time.sleep(max(0.0, exp - time.time()) + 0.05)
     with pytest.raises(AuthError, match="expired"):
         auth.authenticate(f"Bearer {token}")
+
+
+def test_jwks_url_is_fetched_from_a_real_server(rsa_key: rsa.RSAPrivateKey) -> None:
+    import http.server
+    import threading
+
+    body = _jwks(("k1", rsa_key)).encode()
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server API)
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}/.well-known/jwks.json"
+        auth = Authenticator(AuthSettings(algorithms=["RS256"], jwks_url=url))
+        token = jwt.encode(claims(iss=None, aud=None), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+        for _ in range(3):
+            assert auth.authenticate(f"Bearer {token}").subject == "alice"
+        assert hits == ["/.well-known/jwks.json"]  # fetched once at startup, then cached
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join()
