@@ -37,7 +37,7 @@ HMAC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 MIN_SECRET_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 # Clients send the same token on every request; verified claims are remembered (exact token
 # string -> claims) for a while, with `exp` and revocation still checked on every use.
-_CACHE_SIZE = 10_000
+_CACHE_SIZE = 4096
 _CACHE_TTL_S = 60.0
 
 
@@ -108,7 +108,7 @@ class Authenticator:
         self._secret: str | None = None
         self._public_key: Any = None
         self._jwks = jwks
-        self._cache: OrderedDict[str, tuple[float, dict[str, Any]]] = OrderedDict()
+        self._cache: OrderedDict[str, tuple[float, int | None, dict[str, Any]]] = OrderedDict()
         if self._algorithms & HMAC_ALGORITHMS:
             secret = hmac_secret_from_env(settings)
             if secret is None:
@@ -146,15 +146,15 @@ class Authenticator:
         now = time.time()
         cached = self._cache.get(token)
         if cached is not None and now - cached[0] < _CACHE_TTL_S:
-            claims = cached[1]
-            exp = claims.get("exp")
-            if isinstance(exp, int | float) and exp <= now - self.settings.leeway_s:
+            _, exp, claims = cached
+            if exp is not None and exp <= now - self.settings.leeway_s:
                 del self._cache[token]
                 raise AuthError("Token has expired.")
             self._cache.move_to_end(token)
         else:
             claims = self._verify_signature_and_claims(token)
-            self._cache[token] = (now, claims)
+            # pyjwt accepted `exp`, so int() works (it may have been a numeric string)
+            self._cache[token] = (now, int(claims["exp"]) if "exp" in claims else None, claims)
             if len(self._cache) > _CACHE_SIZE:
                 self._cache.popitem(last=False)
         jti = claims.get("jti")
