@@ -177,14 +177,20 @@ def export(db: sqlite_utils.Database, filters: dict[str, Any]) -> Iterator[dict[
         yield _request_dict(row)
 
 
-def quota_seed_rows(db: sqlite_utils.Database, now: float) -> list[tuple[str, str, str, int]]:
-    """(day, tenant, subject, tokens) for the current UTC month, from the rollup."""
-    month_start = utc_day(now)[:7] + "-01"
-    sql = (
-        "SELECT day, tenant, subject, SUM(prompt_tokens + completion_tokens) FROM daily_usage "
-        "WHERE day >= ? GROUP BY day, tenant, subject"
-    )
-    return [(d, t, s, int(n or 0)) for d, t, s, n in db.execute(sql, [month_start])]
+def quota_seed_rows(db: sqlite_utils.Database, now: float) -> list[tuple[str, str, str, int, int]]:
+    """(kind, key, day, tokens today, tokens this month) per tenant and subject, from the rollup.
+
+    Aggregated in SQL so startup reads one row per tenant/subject, not one per rollup row.
+    """
+    today = utc_day(now)
+    out: list[tuple[str, str, str, int, int]] = []
+    for kind in ("tenant", "subject"):
+        sql = (
+            f"SELECT {kind}, SUM(CASE WHEN day = ? THEN prompt_tokens + completion_tokens ELSE 0 END), "
+            f"SUM(prompt_tokens + completion_tokens) FROM daily_usage WHERE day >= ? AND {kind} != '' GROUP BY {kind}"
+        )
+        out.extend((kind, key, today, int(d or 0), int(m or 0)) for key, d, m in db.execute(sql, [today, today[:7] + "-01"]))
+    return out
 
 
 def prune(

@@ -112,12 +112,10 @@ class QuotaTracker:
         quotas = self._quotas[kind]
         return quotas.get(key) or quotas.get("*")
 
-    def seed(self, rows: Iterable[tuple[str, str, str, int]]) -> None:
-        """Load (day, tenant, subject, tokens) totals for the current month (from the rollup)."""
-        for day, tenant, subject, tokens in rows:
-            if tenant:
-                self._usage.setdefault(("tenant", tenant), _Usage()).add(day, tokens)
-            self._usage.setdefault(("subject", subject), _Usage()).add(day, tokens)
+    def seed(self, rows: Iterable[tuple[str, str, str, int, int]]) -> None:
+        """Load (kind, key, today, tokens today, tokens this month) totals (from the rollup)."""
+        for kind, key, day, day_tokens, month_tokens in rows:
+            self._usage[(kind, key)] = _Usage(day=day, day_tokens=day_tokens, month=day[:7], month_tokens=month_tokens)
 
     def add(self, tenant: str | None, subject: str, ts: float, tokens: int) -> None:
         """Count a request's tokens (called when it is recorded)."""
