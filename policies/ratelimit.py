@@ -231,7 +231,7 @@ _KIND_WORDS = {"principal": "per user", "tenant": "per organization", "model": "
 
 def _exceeded(scopes: Sequence[Scope], outcome: Outcome, tokens: int, headers: dict[str, str]) -> LimitExceeded:
     scope = scopes[outcome.failed_index]
-    where = f"{_KIND_WORDS[scope.kind]}"
+    where = _KIND_WORDS[scope.kind]
     retry = max(outcome.retry_after_s, 0.001)
     if outcome.reason == "concurrency":
         message = f"Too many concurrent requests ({where}): limit {scope.max_concurrent}. Retry when one finishes."
