@@ -88,6 +88,9 @@ def engine_for_model(
         num_blocks = min(wanted, cap)
         if num_blocks < wanted:
             log.info("KV pool capped at %d blocks (%.1f GiB); busy periods preempt", num_blocks, cap * bytes_per_token * config.block_size / 2**30)
+    if num_blocks * config.block_size < max_model_len:  # one request must fit the pool alone
+        log.info("max_model_len lowered to the KV pool size, %d tokens", num_blocks * config.block_size)
+        max_model_len = num_blocks * config.block_size
     engine = Engine(
         ModelRunner(model, num_blocks=num_blocks, block_size=config.block_size),
         lambda ids: tokenizer.decode(ids, skip_special_tokens=True),

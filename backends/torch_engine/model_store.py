@@ -68,7 +68,7 @@ def convert_gguf(gguf_path: Path, entry: Path) -> None:
         bar.set_postfix_str(steps[2])
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=entry.parent))
         try:
-            model.save_pretrained(tmp)
+            _save_dequantized(model, tmp)
             tokenizer.save_pretrained(tmp)
             (tmp / _DONE_MARKER).write_text(f'{{"source": "{gguf_path.name}"}}\n')
             try:
@@ -79,6 +79,19 @@ def convert_gguf(gguf_path: Path, entry: Path) -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         bar.update()
+
+
+def _save_dequantized(model: Any, out_dir: Path) -> None:
+    """Write config + safetensors of a GGUF-loaded model (its `save_pretrained` refuses: the GGUF
+    quantizer marks it unserializable, although the weights are already plain dequantized floats)."""
+    from safetensors.torch import save_model
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(out_dir)
+    model.generation_config.save_pretrained(out_dir)
+    save_model(model, str(out_dir / "model.safetensors"), metadata={"format": "pt"})  # dedupes tied weights
 
 
 def load_model(model_dir: Path, dtype: str) -> tuple[Any, Any]:
