@@ -11,6 +11,7 @@ from litestar.params import FromPath
 
 from gateway import pipeline
 from gateway.errors import ModelNotFound, Unauthorized
+from gateway.openapi import ChatCompletionOperation, CompletionOperation
 from gateway.schemas import encoder
 from policies import auth as auth_policy
 from policies import routing
@@ -23,12 +24,12 @@ def services_of(state: State) -> pipeline.Services:
     return state.services  # type: ignore[no-any-return]
 
 
-@post("/v1/chat/completions", status_code=200, summary="Create a chat completion")
+@post("/v1/chat/completions", status_code=200, summary="Create a chat completion", operation_class=ChatCompletionOperation)
 async def chat_completions(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     return await pipeline.handle(services_of(state), request, "chat.completions")
 
 
-@post("/v1/completions", status_code=200, summary="Create a text completion")
+@post("/v1/completions", status_code=200, summary="Create a text completion", operation_class=CompletionOperation)
 async def completions(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     return await pipeline.handle(services_of(state), request, "completions")
 
