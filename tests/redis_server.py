@@ -21,15 +21,16 @@ from pathlib import Path
 
 import pytest
 
-REDIS_BINARY = os.environ.get("AIBOX_TEST_REDIS_SERVER", "/usr/bin/redis-server")
+DEFAULT_BINARY = "/usr/bin/redis-server"  # Debian's; AIBOX_TEST_REDIS_SERVER overrides
 
 
 def require_redis_binary() -> str:
     """Path of redis-server, or skip (fail under CI=true) with the reason."""
-    path = REDIS_BINARY if os.path.exists(REDIS_BINARY) else shutil.which("redis-server")
+    wanted = os.environ.get("AIBOX_TEST_REDIS_SERVER", DEFAULT_BINARY)
+    path = wanted if os.path.exists(wanted) else shutil.which("redis-server")
     if path:
         return path
-    reason = f"redis-server not found at {REDIS_BINARY} or on PATH (apt-get install redis-server)"
+    reason = f"redis-server not found at {wanted} or on PATH (apt-get install redis-server)"
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(reason)
     pytest.skip(reason)
