@@ -30,7 +30,7 @@ import msgspec
 
 from gateway.audit_queries import quota_seed_rows
 from gateway.audit_quota import QuotaExhausted, QuotaTracker
-from gateway.audit_schema import connect
+from gateway.audit_schema import AuditRecord, connect
 from gateway.audit_writer import AuditWriter
 from gateway.settings import AuditSettings
 from policies.auth import Principal
@@ -38,37 +38,6 @@ from policies.auth import Principal
 __all__ = ["AuditRecord", "AuditStore", "QuotaExhausted"]
 
 log = logging.getLogger("aibox.audit")
-
-
-class AuditRecord(msgspec.Struct, kw_only=True):
-    """One request as the audit store keeps it (rejected requests included)."""
-
-    request_id: str  # the `id` returned to the client
-    ts: float  # unix time the request arrived
-    subject: str
-    status: int  # HTTP status sent
-    tenant: str | None = None
-    tier: str | None = None
-    endpoint: str = "chat.completions"  # or "completions"
-    model_requested: str | None = None
-    model_served: str | None = None
-    deployment: str | None = None  # backend name from [backends.NAME]
-    backend_type: str | None = None
-    stream: bool = False
-    error_type: str | None = None
-    error_code: str | None = None
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    queue_ms: float | None = None
-    ttft_ms: float | None = None
-    total_ms: float = 0.0
-    retries: int = 0
-    fallbacks: int = 0
-    user: str | None = None  # the client's `user` field
-    client_retry_count: int | None = None  # x-stainless-retry-count
-    request_content: str | None = None  # kept only when audit.store_content = true
-    response_content: str | None = None
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:

@@ -5,6 +5,8 @@ runs once and its name is recorded in `_migrations`. Never edit a migration that
 append a new one. Migrations are idempotent (IF NOT EXISTS) because the gateway and an
 `aibox usage` command may open a fresh database at the same moment.
 
+AuditRecord (re-exported by gateway.audit) is the row the pipeline fills.
+
 Tables:
     requests      one row per request (rejected ones included); the source of truth
     daily_usage   rollup per (UTC day, tenant, subject, model, deployment, status), maintained
@@ -25,7 +27,40 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import msgspec
 import sqlite_utils
+
+
+class AuditRecord(msgspec.Struct, kw_only=True):
+    """One request as the audit store keeps it (rejected requests included)."""
+
+    request_id: str  # the `id` returned to the client
+    ts: float  # unix time the request arrived
+    subject: str
+    status: int  # HTTP status sent
+    tenant: str | None = None
+    tier: str | None = None
+    endpoint: str = "chat.completions"  # or "completions"
+    model_requested: str | None = None
+    model_served: str | None = None
+    deployment: str | None = None  # backend name from [backends.NAME]
+    backend_type: str | None = None
+    stream: bool = False
+    error_type: str | None = None
+    error_code: str | None = None
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_ms: float | None = None
+    ttft_ms: float | None = None
+    total_ms: float = 0.0
+    retries: int = 0
+    fallbacks: int = 0
+    user: str | None = None  # the client's `user` field
+    client_retry_count: int | None = None  # x-stainless-retry-count
+    request_content: str | None = None  # kept only when audit.store_content = true
+    response_content: str | None = None
+
 
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = []
 
@@ -153,9 +188,12 @@ COLUMNS = (
     "retries", "fallbacks", "user", "client_retry_count", "request_content", "response_content",
 )  # fmt: skip
 
-# The hot path uses one prepared statement with executemany: sqlite-utils' insert_all would
-# re-derive the column list for every batch, which costs more than the insert itself.
-INSERT_SQL = f"INSERT INTO requests ({', '.join(f'[{c}]' for c in COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+# The hot path uses one prepared statement with executemany over msgspec's astuple() of each
+# record (field order) plus the derived `model`; sqlite-utils' insert_all would re-derive the
+# column list from dicts for every batch, which costs more than the insert itself.
+INSERT_COLUMNS = (*AuditRecord.__struct_fields__, "model")
+assert set(INSERT_COLUMNS) == set(COLUMNS), "AuditRecord and the requests table disagree"
+INSERT_SQL = f"INSERT INTO requests ({', '.join(f'[{c}]' for c in INSERT_COLUMNS)}) VALUES ({', '.join('?' * len(INSERT_COLUMNS))})"
 
 ROLLUP_SQL = """
 INSERT INTO daily_usage (day, tenant, subject, model, deployment, status, requests, errors,

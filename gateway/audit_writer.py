@@ -24,9 +24,10 @@ from collections.abc import Callable
 from typing import Any
 
 import sqlite_utils
+from msgspec.structs import astuple
 
 from gateway.audit_queries import prune
-from gateway.audit_schema import COLUMNS, INSERT_SQL, ROLLUP_SQL, utc_day
+from gateway.audit_schema import INSERT_SQL, ROLLUP_SQL, utc_day
 
 log = logging.getLogger("aibox.audit")
 
@@ -188,13 +189,16 @@ class AuditWriter(threading.Thread):
     def _encode(self, batch: list[Item]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
         rows = []
         rollup: dict[tuple[str, str, str, str, str, int], list[float]] = {}
+        days: dict[int, str] = {}  # a batch spans one or two UTC days: format each once
         for record, _, _ in batch:
             model = record.model_served or record.model_requested
-            values = {c: getattr(record, c, None) for c in COLUMNS}
-            values["model"] = model
-            rows.append(tuple(values[c] for c in COLUMNS))
-            key = (utc_day(record.ts), record.tenant or "", record.subject, model or "", record.deployment or "", record.status)
-            agg = rollup.setdefault(key, [0, 0, 0, 0, 0.0, 0.0, 0])
+            rows.append((*astuple(record), model))
+            day_num = int(record.ts // 86400)
+            day = days.get(day_num) or days.setdefault(day_num, utc_day(record.ts))
+            key = (day, record.tenant or "", record.subject, model or "", record.deployment or "", record.status)
+            agg = rollup.get(key)
+            if agg is None:
+                agg = rollup[key] = [0, 0, 0, 0, 0.0, 0.0, 0]
             agg[0] += 1
             agg[1] += record.status >= 400
             agg[2] += record.prompt_tokens
