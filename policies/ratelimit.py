@@ -15,6 +15,7 @@ limits exactly).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import threading
@@ -151,13 +152,22 @@ def _key_part(text: str) -> str:
 class RateLimiter:
     """Plans the scopes for a request and asks the store to reserve them."""
 
-    def __init__(self, settings: RateLimitSettings, store: LimitStore, *, lease_s: float = 660.0) -> None:
+    def __init__(
+        self,
+        settings: RateLimitSettings,
+        store: LimitStore,
+        *,
+        lease_s: float = 660.0,
+        settle_retry_delays_s: Sequence[float] = (1, 2, 4, 8, 15, 30),
+    ) -> None:
         self.settings = settings
         self.store = store
         self.lease_s = lease_s  # a concurrency slot is freed after this long even if never settled
+        self.settle_retry_delays_s = tuple(settle_retry_delays_s)
         self.num_store_errors = 0
         self.num_degraded_admissions = 0
         self._last_warning = float("-inf")
+        self._retries: set[asyncio.Task[None]] = set()
 
     def tier_for(self, principal: Principal) -> TierSettings | None:
         """The principal's tier; unknown or absent -> the default tier; none configured -> None (unlimited)."""
@@ -210,13 +220,35 @@ class RateLimiter:
         reservation.settled = True
         if not reservation.scopes:
             return
+        delta = max(0, int(used_tokens)) - reservation.tokens
         try:
-            await self.store.settle(reservation.id, reservation.scopes, max(0, int(used_tokens)) - reservation.tokens)
-        except StoreUnavailable as exc:  # leases expire on their own; tokens stay as estimated
+            await self.store.settle(reservation.id, reservation.scopes, delta)
+        except StoreUnavailable as exc:
             self.num_store_errors += 1
-            self._warn(f"rate limit store unavailable while settling ({exc})")
+            self._warn(f"rate limit store unavailable while settling ({exc}); will retry")
+            self._retry_later(reservation, delta)
+
+    def _retry_later(self, reservation: Reservation, delta: int) -> None:
+        """Settle again in the background so a short outage does not hold slots until lease end."""
+        if len(self._retries) >= 10_000:
+            return  # a long outage: the leases' expiry frees the slots instead
+        task = asyncio.get_running_loop().create_task(self._settle_with_retries(reservation, delta))
+        self._retries.add(task)
+        task.add_done_callback(self._retries.discard)
+
+    async def _settle_with_retries(self, reservation: Reservation, delta: int) -> None:
+        for delay in self.settle_retry_delays_s:
+            await asyncio.sleep(delay)
+            try:
+                await self.store.settle(reservation.id, reservation.scopes, delta)
+                return
+            except StoreUnavailable:
+                self.num_store_errors += 1
 
     async def close(self) -> None:
+        for task in list(self._retries):
+            task.cancel()
+        await asyncio.gather(*self._retries, return_exceptions=True)
         await self.store.close()
 
     def _warn(self, message: str) -> None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
 from gateway.settings import LimitSet, RateLimitSettings, Settings, TierSettings
 from policies.auth import Principal
-from policies.ratelimit import LimitExceeded, MemoryStore, RateLimiter, build_limiter, format_duration
+from policies.gcra import Outcome, Scope
+from policies.ratelimit import LimitExceeded, MemoryStore, RateLimiter, StoreUnavailable, build_limiter, format_duration
 
 ALICE = Principal("alice", tenant="acme")
 BOB = Principal("bob", tenant="acme")
@@ -191,3 +193,36 @@ async def test_subject_names_with_separators_do_not_collide() -> None:
     lim = limiter(Clock(), default=tier(model=LimitSet(requests_per_minute=1)))
     await lim.acquire(Principal("a:b"), "c", 0)
     await lim.acquire(Principal("a"), "b:c", 0)  # would share a key with naive "a:b:c" joining
+
+
+class FlakyStore(MemoryStore):
+    """A memory store whose backing service can be switched off, like a Redis outage."""
+
+    def __init__(self, clock: Clock) -> None:
+        super().__init__(clock)
+        self.down = False
+
+    async def reserve(self, reservation_id: str, scopes: Sequence[Scope], tokens: int, lease_s: float) -> Outcome:
+        if self.down:
+            raise StoreUnavailable("down")
+        return await super().reserve(reservation_id, scopes, tokens, lease_s)
+
+    async def settle(self, reservation_id: str, scopes: Sequence[Scope], token_delta: int) -> None:
+        if self.down:
+            raise StoreUnavailable("down")
+        await super().settle(reservation_id, scopes, token_delta)
+
+
+async def test_settle_during_a_short_outage_is_retried() -> None:
+    store = FlakyStore(Clock())
+    settings = RateLimitSettings(tiers={"default": tier(principal=LimitSet(max_concurrent=1))})
+    lim = RateLimiter(settings, store, lease_s=300, settle_retry_delays_s=(0.01, 0.01, 0.05))
+    held = await lim.acquire(ALICE, "m", 0)
+    store.down = True
+    await lim.settle(held, 0)  # fails now; never raises
+    await asyncio.sleep(0.015)  # first retry fails too
+    store.down = False
+    await asyncio.sleep(0.1)
+    await lim.acquire(ALICE, "m", 0)  # the slot was freed by a retry, long before the lease ends
+    assert lim.num_store_errors >= 2
+    await lim.close()
