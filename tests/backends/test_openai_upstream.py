@@ -200,3 +200,29 @@ async def test_early_close_releases_the_request(started: OpenAIUpstreamBackend, 
     assert first.text == "up1 "
     await gen.aclose()  # the client went away
     assert started.stats()["in_flight"] == 0
+
+
+async def test_connections_are_kept_alive_and_reused(upstream: UpstreamServer) -> None:
+    backend = make_backend(upstream.url, model="tiny?tokens=2")
+    await backend.start()
+    try:
+        for _ in range(5):
+            assert (await collect(backend, chat()))[-1].finish_reason == "stop"
+        pool = backend._pool
+        assert pool is not None and len(pool._idle) == 1  # five requests, one connection
+    finally:
+        await backend.close()
+
+
+async def test_full_pool_is_overloaded_not_hung(upstream: UpstreamServer) -> None:
+    backend = make_backend(upstream.url, model="tiny?tokens=3&delay=0.5", max_connections=1, connect_timeout_s=0.2)
+    await backend.start()
+    try:
+        holder = backend.generate(chat())
+        assert (await anext(holder)).text == "up1 "  # type: ignore[call-overload]
+        with pytest.raises(BackendOverloaded):
+            await collect(backend, chat())
+        await holder.aclose()  # type: ignore[attr-defined]
+        assert (await collect(backend, chat()))[-1].finish_reason == "stop"  # the slot came back
+    finally:
+        await backend.close()

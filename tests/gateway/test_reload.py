@@ -45,7 +45,7 @@ def write(path: Path, text: str) -> None:
     os.replace(tmp, path)  # atomic, as editors and ConfigMaps do
 
 
-def wait_for(predicate: Callable[[], Any], timeout_s: float = 5.0) -> Any:
+def wait_for(predicate: Callable[[], Any], timeout_s: float = 10.0) -> Any:
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
@@ -81,7 +81,7 @@ def test_file_change_applies_within_seconds_and_reuses_unchanged_backends(tmp_pa
         assert served_by(ask(client)) == "a"
         before = gw.app.state.services
         write(path, config_text({"a": up["a"].url, "c": up["c"].url}, model("m", "c") + model("n", "a")))
-        wait_for(lambda: gw.app.state.services is not before, 3.0)
+        wait_for(lambda: gw.app.state.services is not before, 10.0)
         result = gw.app.state.reloader.last_result
         assert result.ok and result.reused == ["a"] and result.started == ["c"] and result.retired == ["b"]
         assert served_by(ask(client)) == "c" and served_by(ask(client, "n")) == "a"
@@ -103,7 +103,7 @@ def test_broken_file_is_refused_and_old_config_keeps_serving(tmp_path: Path) -> 
         ]:
             attempts = reloader.num_reloads, reloader.last_result
             write(path, broken)
-            wait_for(lambda: reloader.last_result is not attempts[1], 3.0)
+            wait_for(lambda: reloader.last_result is not attempts[1], 10.0)
             assert not reloader.last_result.ok and reason in reloader.last_result.message
             assert gw.app.state.services is serving
             assert served_by(ask(client)) == "a"
@@ -118,12 +118,12 @@ def test_in_flight_request_finishes_on_its_config(tmp_path: Path) -> None:
             thread.start()
             wait_for(lambda: up["a"].app.in_flight == 1)
             write(path, config_text({"b": up["b"].url}, model("m", "b")))  # a is removed while busy
-            wait_for(lambda: gw.app.state.services is not old, 3.0)
+            wait_for(lambda: gw.app.state.services is not old, 10.0)
             assert served_by(ask(client)) == "b"
             assert old.backends["a"].info().ready  # still open: its request is running
             thread.join()
             assert served_by(slow["r"]) == "a"  # finished on the config it started with
-            wait_for(lambda: not old.backends["a"].info().ready, 3.0)  # then closed
+            wait_for(lambda: not old.backends["a"].info().ready, 10.0)  # then closed
 
 
 def test_limits_survive_and_restart_only_keys_are_reported(tmp_path: Path) -> None:
@@ -163,13 +163,13 @@ def test_sighup_reloads_a_served_gateway(tmp_path: Path) -> None:
             return None
 
     try:
-        assert wait_for(model_ids, 60) == ["m"]
+        assert wait_for(model_ids, 120) == ["m"]
         path.write_text(config_text({}, fake + model("m", "f") + model("m2", "f"), watch_s=0))
         os.kill(proc.pid, signal.SIGHUP)
-        wait_for(lambda: model_ids() == ["m", "m2"], 5)
+        wait_for(lambda: model_ids() == ["m", "m2"], 15)
         path.write_text("[[models]]\nname = 1\n")
         os.kill(proc.pid, signal.SIGHUP)
-        wait_for(lambda: "refused" in (tmp_path / "log.txt").read_text(), 5)
+        wait_for(lambda: "refused" in (tmp_path / "log.txt").read_text(), 15)
         assert model_ids() == ["m", "m2"]
         with httpx.Client(base_url=url, timeout=10) as client:
             assert ask(client, "m2").status_code == 200
