@@ -123,8 +123,8 @@ class AuditWriter(threading.Thread):
             with self._cond:
                 while not self._queue and not self._stopping and not self._retention_due():
                     self._cond.wait(timeout=self._retention_wait())
-                if backoff and not self._stopping:
-                    self._cond.wait(timeout=backoff)  # failing: pause before the retry
+                if backoff:
+                    self._cond.wait(timeout=backoff)  # failing: pause before the retry (stop() cuts it short once)
                 if not self._queue and self._stopping:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH_ROWS))]

@@ -191,3 +191,27 @@ async def test_record_after_close_is_counted_not_raised(db_path: Path) -> None:
     await store.close()
     assert await store.record(make_row()) is False
     assert store.health()["ok"] is False
+
+
+async def test_disk_full_buffers_rows_then_recovers(db_path: Path) -> None:
+    """SQLITE_FULL for real: cap the database at its current size (PRAGMA max_page_count)."""
+    store = await started(db_path, commit_wait_s=0.3)
+    assert await store.record(make_row(0)) is True
+    conn = store._writer.db.conn  # the writer is idle now; SQLite serializes connection use
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    num = 1
+    while not store.health()["failing"]:  # rows fill the free space left in existing pages first
+        await store.record(make_row(num, subject=f"user-{num}", tenant=f"t-{num}"))
+        num += 1
+        assert num < 5000, "the capped database never filled up"
+    for _ in range(5):
+        assert await store.record(make_row(num)) is False  # served, buffered, not committed
+        num += 1
+    health = store.health()
+    assert "full" in health["detail"] and health["queue_depth"] >= 5 and store.stats()["commit_failures"] >= 1
+    conn.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    await wait_until(lambda: store.stats()["rows_written"] == num)
+    assert not store.health()["failing"]
+    await store.close()
+    assert len(rows(db_path)) == num
