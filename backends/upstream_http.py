@@ -192,7 +192,7 @@ class ConnectionPool:
         self.port = url.port or (443 if url.scheme == "https" else 80)
         self.base_path = url.path.rstrip("/")
         self._ssl = ssl.create_default_context() if url.scheme == "https" else None
-        host_header = self.host if url.port is None else f"{self.host}:{url.port}"
+        host_header = url.netloc.rpartition("@")[2]  # keeps [v6] brackets and an explicit port
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         self._fixed_headers = f"host: {host_header}\r\n{extra}".encode("latin-1")
         self._connect_timeout_s = connect_timeout_s

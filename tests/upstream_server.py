@@ -119,11 +119,11 @@ def _config(app: UpstreamApp) -> uvicorn.Config:
 class UpstreamServer:
     """Runs an UpstreamApp on 127.0.0.1:<free port> in a background thread."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, port: int = 0) -> None:
         self.app = UpstreamApp(name)
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind(("127.0.0.1", 0))
+        self._sock.bind(("127.0.0.1", port))
         self.port = self._sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"
         self._server = uvicorn.Server(_config(self.app))

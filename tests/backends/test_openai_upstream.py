@@ -226,3 +226,17 @@ async def test_full_pool_is_overloaded_not_hung(upstream: UpstreamServer) -> Non
         assert (await collect(backend, chat()))[-1].finish_reason == "stop"  # the slot came back
     finally:
         await backend.close()
+
+
+async def test_upstream_restart_on_same_port_needs_no_client_retry() -> None:
+    with UpstreamServer("old") as first:
+        port = first.port
+        backend = make_backend(first.url, model="tiny?tokens=2")
+        await backend.start()
+        assert (await collect(backend, chat()))[0].text == "old "
+    try:
+        # The pooled keep-alive connection now points at a dead server; it must not be used.
+        with UpstreamServer("new", port=port):
+            assert (await collect(backend, chat()))[0].text == "new "
+    finally:
+        await backend.close()
