@@ -1,0 +1,179 @@
+"""Gateway overhead: aibox (auth, rate limits and audit ON) in front of a fast local
+OpenAI-compatible server through the `openai` backend type, vs the same server called directly.
+
+    .venv/bin/python -m bench.overhead                 # c=1: 2,000 requests; c=32: 10,000 requests
+
+Reports, per mode (JSON body / SSE stream):
+  c=1   p50/p99 latency direct and through aibox; p50 overhead = difference of the p50s; and the
+        gateway's own `x-aibox-overhead-ms` header (time in the gateway minus time waiting on the
+        backend, measured when the response headers are sent)
+  c=32  RPS direct and through aibox, and the server's CPU per request, which gives the RPS one
+        worker process sustains on one core (the client and the upstream share this machine's
+        other core, so wall-clock RPS on 2 cores understates a worker's capacity)
+Goals (issue 8): p50 overhead <= 0.5 ms at c=1; >= 1,500 RPS per worker at c=32.
+
+The upstream is a raw asyncio server in its own process answering canned bytes (chunked SSE for
+`stream: true`, which is what the openai backend always asks for; a JSON body otherwise).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+from backends.upstream_http import ConnectionPool
+from bench.harness import SECRET_ENV, Aibox, api_key, free_port, machine, percentile, temp_dir, write_config
+
+NUM_TOKENS = 8
+_CL = re.compile(rb"(?i)content-length:\s*(\d+)")
+
+
+# --------------------------------------------------------------------------- the upstream
+def _canned() -> tuple[bytes, bytes]:
+    chunks = [
+        {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tiny",
+         "choices": [{"index": 0, "delta": {"content": f" tok{i}"}, "finish_reason": "length" if i == NUM_TOKENS - 1 else None}]}
+        for i in range(NUM_TOKENS)
+    ]  # fmt: skip
+    chunks.append({"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "tiny", "choices": [],
+                   "usage": {"prompt_tokens": 9, "completion_tokens": NUM_TOKENS, "total_tokens": 9 + NUM_TOKENS}})  # fmt: skip
+    events = b"".join(b"data: " + json.dumps(c, separators=(",", ":")).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+    sse = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+    sse += b"%x\r\n%s\r\n0\r\n\r\n" % (len(events), events)
+    body = json.dumps({
+        "id": "x", "object": "chat.completion", "created": 0, "model": "tiny",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(f" tok{i}" for i in range(NUM_TOKENS))}, "finish_reason": "length"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": NUM_TOKENS, "total_tokens": 9 + NUM_TOKENS},
+    }).encode()  # fmt: skip
+    js = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    return sse, js
+
+
+async def _serve_upstream(port: int) -> None:
+    sse, js = _canned()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                m = _CL.search(head)
+                body = await reader.readexactly(int(m.group(1)) if m else 0)
+                writer.write(sse if b'"stream":true' in body.replace(b" ", b"") else js)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
+    async with server:
+        await server.serve_forever()
+
+
+# --------------------------------------------------------------------------- measuring
+async def _measure(url: str, path: str, body: bytes, headers: dict[str, str], n: int, concurrency: int) -> dict[str, Any]:
+    pool = ConnectionPool(url, max_connections=concurrency, connect_timeout_s=30)
+    latencies: list[float] = []
+    overheads: list[float] = []
+    bad = 0
+    remaining = n
+
+    async def worker() -> None:
+        nonlocal remaining, bad
+        while remaining > 0:
+            remaining -= 1
+            t0 = time.perf_counter()
+            resp = await pool.request("POST", path, body, headers)
+            data = await resp.aread()
+            await resp.aclose()
+            latencies.append(time.perf_counter() - t0)
+            if resp.status_code != 200 or not (data.endswith(b"[DONE]\n\n") or data.endswith(b"}")):
+                bad += 1
+            if "x-aibox-overhead-ms" in resp.headers:
+                overheads.append(float(resp.headers["x-aibox-overhead-ms"]))
+
+    try:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - t0
+    finally:
+        await pool.aclose()
+    latencies.sort()
+    overheads.sort()
+    return {"rps": n / wall, "p50": percentile(latencies, 50) * 1000, "p99": percentile(latencies, 99) * 1000,
+            "overhead_hdr_p50": percentile(overheads, 50) if overheads else None, "bad": bad, "wall": wall}  # fmt: skip
+
+
+def _body(stream: bool, model: str) -> bytes:
+    b: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": NUM_TOKENS}
+    if stream:
+        b["stream"] = True
+    return json.dumps(b).encode()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--n1", type=int, default=2000, help="requests at concurrency 1")
+    p.add_argument("--n32", type=int, default=10000, help="requests at concurrency 32")
+    p.add_argument("--upstream", type=int, default=None, help=argparse.SUPPRESS)  # child mode
+    args = p.parse_args()
+    if args.upstream is not None:
+        asyncio.run(_serve_upstream(args.upstream))
+        return 0
+
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "bench.overhead", "--upstream", str(up_port)])
+    folder = temp_dir("aibox-overhead-")
+    big = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
+    tables = {
+        "auth": {"secret_env": SECRET_ENV, "dev_generate_secret": False},
+        "ratelimit": {"store": "memory"},
+        "ratelimit.tiers.default": {"principal": big, "model": big},
+        "audit": {"path": str(folder / "usage.db")},
+        "backends.up": {"type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "tiny"},
+    }
+    server = Aibox(write_config(folder, tables, [{"name": "m", "deployments": [{"backend": "up"}]}]))
+    direct_url = f"http://127.0.0.1:{up_port}"
+    json_h = {"content-type": "application/json"}
+    auth_h = {**json_h, "authorization": "Bearer " + api_key("overhead")}
+    results: dict[tuple[str, str, int], dict[str, Any]] = {}
+    try:
+        server.wait_ready()
+        for mode, stream in (("json", False), ("sse", True)):
+            for conc, n in ((1, args.n1), (32, args.n32)):
+                for target in ("direct", "aibox"):
+                    url, headers = (direct_url, json_h) if target == "direct" else (server.url, auth_h)
+                    body = _body(stream, "tiny" if target == "direct" else "m")
+                    asyncio.run(_measure(url, "/v1/chat/completions", body, headers, min(n, 500), conc))  # warm-up
+                    cpu0 = server.cpu_s()
+                    r = asyncio.run(_measure(url, "/v1/chat/completions", body, headers, n, conc))
+                    r["server_cpu_us"] = (server.cpu_s() - cpu0) / n * 1e6
+                    results[(mode, target, conc)] = r
+    finally:
+        rc = server.stop()
+        upstream.terminate()
+        upstream.wait()
+    print(f"machine: {machine()}")
+    print(f"aibox exit status after SIGTERM: {rc}")
+    print("| mode | c | direct p50 ms | aibox p50 ms | p50 overhead ms | x-aibox-overhead-ms p50 | direct p99 | aibox p99 | direct RPS | aibox RPS | aibox/direct RPS | aibox CPU us/req | RPS/worker core |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    failed = False
+    for mode in ("json", "sse"):
+        for conc in (1, 32):
+            d, a = results[(mode, "direct", conc)], results[(mode, "aibox", conc)]
+            failed |= bool(d["bad"] or a["bad"])
+            print(f"| {mode} | {conc} | {d['p50']:.3f} | {a['p50']:.3f} | {a['p50'] - d['p50']:.3f} | {a['overhead_hdr_p50']:.3f} | "
+                  f"{d['p99']:.3f} | {a['p99']:.3f} | {d['rps']:.0f} | {a['rps']:.0f} | {a['rps'] / d['rps']:.2f} | "
+                  f"{a['server_cpu_us']:.0f} | {1e6 / a['server_cpu_us']:.0f} |")  # fmt: skip
+    if failed:
+        print("RESULT: FAIL (bad responses)")
+    return 1 if failed or rc != 0 else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
