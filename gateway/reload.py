@@ -5,7 +5,8 @@ A reload is all-or-nothing:
    the running config keeps serving.
 2. Backends whose `[backends.NAME]` table is unchanged are reused as they are (no reload, live state
    kept); new or changed ones are built and started *before* the swap. If one fails to start, the
-   ones just started are closed and the reload is refused.
+   ones just started are closed and the reload is refused. A backend that had failed to load is
+   retried; failing again does not block the reload (it stays in /ready's load_errors).
 3. A new immutable `Services` snapshot is swapped in with one assignment. A request reads the
    snapshot once when it starts and holds it to the end, so in-flight requests finish on the config
    they started with.
@@ -123,19 +124,28 @@ class Reloader:
             return ReloadResult(ok=False, message=f"config reload refused, still serving the previous config: {exc}")
         old = self.state.services
         settings, restart = effective_settings(new, old.settings)
-        reused = {n: old.backends[n] for n, cfg in settings.backends.items() if n in old.backends and old.settings.backends.get(n) == cfg}
+        failed = getattr(self.state, "load_errors", {})  # a backend that failed to load is retried
+        reused = {
+            n: old.backends[n]
+            for n, cfg in settings.backends.items()
+            if n in old.backends and old.settings.backends.get(n) == cfg and n not in failed
+        }
         try:
             services = await build_services(settings, reuse=reused)
         except (ConfigError, ValueError) as exc:
             return ReloadResult(ok=False, message=f"config reload refused, still serving the previous config: {exc}")
         started = [n for n in services.backends if n not in reused]
         errors = await _start_all({n: services.backends[n] for n in started})
+        still_failing = {n: e for n, e in errors.items() if n in failed and n in old.backends}
+        errors = {n: e for n, e in errors.items() if n not in still_failing}
         if errors:
             await asyncio.gather(*(services.backends[n].close() for n in started), return_exceptions=True)
             detail = "; ".join(f"backend {n}: {e}" for n, e in errors.items())
             return ReloadResult(ok=False, message=f"config reload refused, still serving the previous config: {detail}")
         services.router = old.router.reconfigure(settings, services.backends, keep=reused)
-        services.audit, services.metrics = old.audit, old.metrics
+        services.audit, services.metrics = old.audit, old.metrics  # one writer, continuous series
+        if services.metrics is not None and hasattr(services.metrics, "reconfigure"):
+            services.metrics.reconfigure(settings)
         try:
             replaced = await self._keep_or_start(services, old, settings)
         except Exception as exc:
@@ -145,8 +155,9 @@ class Reloader:
         self.state.services = services  # the swap: new requests see the new snapshot from here on
         self.num_reloads += 1
         retired = [n for n in old.backends if n not in reused]
-        for name in retired:
-            getattr(self.state, "load_errors", {}).pop(name, None)
+        for name in [*retired, *started]:
+            failed.pop(name, None)
+        failed.update(still_failing)
         self._retire(old, retired, replaced, _grace_s(old.settings))
         msg = f"config reloaded from {self.path}: started {sorted(started) or '-'}, reused {sorted(reused) or '-'}, retiring {sorted(retired) or '-'}"
         if restart:

@@ -18,17 +18,21 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.app import create_app
 from gateway.reload import effective_settings
 from gateway.settings import load
-from tests.live import serve
+from tests.live import LiveServer, serve
 from tests.upstream_server import UpstreamServer
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def config_text(backends: dict[str, str], models: str, watch_s: float = 0.1, extra: str = "") -> str:
+RATELIMIT = "[ratelimit]\nenabled = true\n\n[ratelimit.tiers.default]\nprincipal = { requests_per_minute = 1000 }"
+
+
+def config_text(backends: dict[str, str], models: str, watch_s: float = 0.1, ratelimit: str = "[ratelimit]\nenabled = false") -> str:
     """backends: name -> upstream base_url (upstream model 'tiny')."""
-    parts = [f"[server]\nconfig_watch_s = {watch_s}\n{extra}", "[auth]\nenabled = false", "[ratelimit]\nenabled = false", "[audit]\nenabled = false"]
+    parts = [f"[server]\nconfig_watch_s = {watch_s}\n", "[auth]\nenabled = false", ratelimit, "[audit]\nenabled = false"]
     for name, url in backends.items():
         parts.append(f'[backends.{name}]\ntype = "openai"\nbase_url = "{url}"\nmodel = "tiny"')
     return "\n\n".join(parts) + "\n\n" + models
@@ -76,17 +80,18 @@ def gateway(tmp_path: Path, make: Callable[[dict[str, str]], str]) -> Iterator[t
 
 
 def test_file_change_applies_within_seconds_and_reuses_unchanged_backends(tmp_path: Path) -> None:
-    first = lambda url: config_text({"a": url["a"], "b": url["b"]}, model("m", "a"))  # noqa: E731
+    first = lambda url: config_text({"a": url["a"], "b": url["b"]}, model("m", "a"), ratelimit=RATELIMIT)  # noqa: E731
     with gateway(tmp_path, first) as (gw, path, up), httpx.Client(base_url=gw.url, timeout=10) as client:
         assert served_by(ask(client)) == "a"
         before = gw.app.state.services
-        write(path, config_text({"a": up["a"].url, "c": up["c"].url}, model("m", "c") + model("n", "a")))
+        write(path, config_text({"a": up["a"].url, "c": up["c"].url}, model("m", "c") + model("n", "a"), ratelimit=RATELIMIT))
         wait_for(lambda: gw.app.state.services is not before, 10.0)
         result = gw.app.state.reloader.last_result
         assert result.ok and result.reused == ["a"] and result.started == ["c"] and result.retired == ["b"]
         assert served_by(ask(client)) == "c" and served_by(ask(client, "n")) == "a"
         after = gw.app.state.services
         assert after.backends["a"] is before.backends["a"]  # not reloaded
+        assert before.limiter is not None and after.limiter is before.limiter  # counters survive
         wait_for(lambda: not before.backends["b"].info().ready)  # removed: closed (nothing in flight)
         assert "b" not in httpx.get(gw.url + "/ready").json()["backends"]
 
@@ -126,7 +131,26 @@ def test_in_flight_request_finishes_on_its_config(tmp_path: Path) -> None:
             wait_for(lambda: not old.backends["a"].info().ready, 10.0)  # then closed
 
 
-def test_limits_survive_and_restart_only_keys_are_reported(tmp_path: Path) -> None:
+def test_reload_retries_a_backend_that_failed_to_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("AIBOX_TEST_UPSTREAM_KEY", raising=False)
+    path = tmp_path / "config.toml"
+    with UpstreamServer("a") as up:
+        text = config_text({"a": up.url}, model("m", "a")).replace('model = "tiny"', 'model = "tiny"\napi_key_env = "AIBOX_TEST_UPSTREAM_KEY"')
+        write(path, text)
+        server = LiveServer(create_app(load(path), config_path=str(path))).start(wait_ready=False)
+        try:
+            wait_for(lambda: "a" in httpx.get(server.url + "/ready").json().get("load_errors", {}))
+            monkeypatch.setenv("AIBOX_TEST_UPSTREAM_KEY", "sk-now-set")
+            write(path, text + "\n")  # unchanged settings; the edit only triggers the reload
+            wait_for(lambda: httpx.get(server.url + "/ready").status_code == 200)
+            with httpx.Client(base_url=server.url, timeout=10) as client:
+                assert served_by(ask(client)) == "a"
+            assert up.app.last_headers["authorization"] == "Bearer sk-now-set"
+        finally:
+            server.stop()
+
+
+def test_restart_only_keys_keep_running_values_and_are_reported(tmp_path: Path) -> None:
     base = config_text({"a": "/x"}, model("m", "a"))
     path = tmp_path / "c.toml"
     write(path, base)
