@@ -3,7 +3,7 @@
 Every request goes upstream with `stream: true` and `stream_options.include_usage`, whatever the
 client asked: usage is then always known (for limits and audit), and the first-token timeout can
 be enforced on the token itself, not on response headers. The gateway joins chunks for
-non-streaming clients.
+non-streaming clients. (A server that ignores `stream` and answers with one JSON body still works.)
 
 Deadlines (per request, from [backends.NAME]): connect_timeout_s (TCP+headers), first_token_timeout_s
 (request sent -> first text), idle_timeout_s (between two upstream events once tokens flow),
@@ -99,7 +99,26 @@ class _ErrorBody(msgspec.Struct):
     message: str | None = None  # some servers (llama-server, FastAPI) use a flat shape
 
 
+class _Message(msgspec.Struct):
+    content: str | None = None
+
+
+class _WholeChoice(msgspec.Struct):
+    index: int = 0
+    text: str | None = None
+    message: _Message | None = None
+    finish_reason: str | None = None
+
+
+class _Whole(msgspec.Struct):
+    """A non-streaming answer, from servers that ignore `stream: true`."""
+
+    choices: list[_WholeChoice] = []
+    usage: _UpstreamUsage | None = None
+
+
 _event_decoder = msgspec.json.Decoder(_Event)
+_whole_decoder = msgspec.json.Decoder(_Whole)
 _error_decoder = msgspec.json.Decoder(_ErrorBody)
 _encoder = msgspec.json.Encoder()
 
@@ -204,8 +223,12 @@ class OpenAIUpstreamBackend:
                     except TransportError:
                         error_body = b""
                     raise self._status_error(response.status_code, error_body, response.headers.get("retry-after"))
-                async for chunk in self._stream(response, chat, start, total_deadline):
-                    yield chunk
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    async for chunk in self._whole(response, chat, min(total_deadline, start + cfg.first_token_timeout_s)):
+                        yield chunk
+                else:
+                    async for chunk in self._stream(response, chat, start, total_deadline):
+                        yield chunk
             finally:
                 await response.aclose()
         except BackendError as exc:
@@ -292,6 +315,25 @@ class OpenAIUpstreamBackend:
         if done:
             await self._drain(pieces, total_deadline)
         yield Chunk(finish_reason=finish, usage=usage)  # type: ignore[arg-type]
+
+    async def _whole(self, response: Response, chat: bool, deadline: float) -> AsyncIterator[Chunk]:
+        """A server that answered with one JSON body: one text chunk, then the final chunk."""
+        try:
+            body = await self._bounded(response.aread(), deadline, "first token")
+            whole = _whole_decoder.decode(body)
+        except TransportError:
+            raise BackendUnavailable("The model backend closed the connection mid-response.") from None
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            raise BackendError("The model backend sent a malformed response.") from None
+        choice = next((c for c in whole.choices if c.index == 0), None)
+        if choice is None:
+            raise BackendError("The model backend sent a response without choices.")
+        text = (choice.message.content if choice.message else None) if chat else choice.text
+        if text:
+            yield Chunk(text=text)
+        u = whole.usage
+        usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens) if u else Usage(completion_tokens=1 if text else 0)
+        yield Chunk(finish_reason="length" if choice.finish_reason == "length" else "stop", usage=usage)
 
     async def _drain(self, pieces: AsyncIterator[bytes], deadline: float) -> None:
         """Read the (empty) rest after [DONE] so the connection goes back to the pool."""

@@ -8,6 +8,7 @@ deployments: `model = "tiny?tokens=5&delay=0.01&first_delay=0.2&status=503&retry
   retry_after  Retry-After header on an error answer
   no_usage     never send a usage chunk (like servers that ignore stream_options)
   cut          close the connection abruptly after this many tokens
+  json         answer with one non-streaming JSON body (a server that ignores `stream`)
 A message (or prompt) starting with `opts:` adds options for that one request (`opts:first_delay=2`),
 and `UpstreamApp.force_status` makes every request fail until reset.
 Run in a thread (`UpstreamServer`) or as a process that can be killed
@@ -87,6 +88,11 @@ class UpstreamApp:
         chat = path.endswith("/chat/completions")
         num_tokens = int(opts.get("tokens", 3))
         words = [f"{self.name} "] + [f"w{i} " for i in range(1, num_tokens)]
+        if "json" in opts:  # a server that ignores `stream: true`
+            text = "".join(words)
+            choice = {"index": 0, "message": {"role": "assistant", "content": text}} if chat else {"index": 0, "text": text}
+            usage = {"prompt_tokens": 7, "completion_tokens": num_tokens, "total_tokens": 7 + num_tokens}
+            return await _json(send, 200, {"id": "x", "choices": [{**choice, "finish_reason": "stop"}], "usage": usage})
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         await asyncio.sleep(float(opts.get("first_delay", 0)))
         for i, word in enumerate(words):

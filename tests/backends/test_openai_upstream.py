@@ -240,3 +240,16 @@ async def test_upstream_restart_on_same_port_needs_no_client_retry() -> None:
             assert (await collect(backend, chat()))[0].text == "new "
     finally:
         await backend.close()
+
+
+@pytest.mark.parametrize("endpoint", ["chat", "completions"])
+async def test_upstream_that_ignores_stream_still_works(upstream: UpstreamServer, endpoint: str) -> None:
+    backend = make_backend(upstream.url, model="tiny?json=1&tokens=3")
+    await backend.start()
+    req = chat() if endpoint == "chat" else GenerationRequest(request_id="r", model="m", prompt="p")
+    try:
+        chunks = await collect(backend, req)
+    finally:
+        await backend.close()
+    assert "".join(c.text for c in chunks) == "up1 w1 w2 "
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
