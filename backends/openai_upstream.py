@@ -9,15 +9,8 @@ Deadlines (per request, from [backends.NAME]): connect_timeout_s (TCP+headers), 
 (request sent -> first text), idle_timeout_s (between two upstream events once tokens flow),
 total_timeout_s. Any of them -> BackendTimeout (retriable before the first byte).
 
-Upstream errors -> ours:
-    connection refused/reset, DNS          BackendUnavailable   (retriable)
-    429, or 503 with Retry-After          BackendOverloaded    (retriable; carries Retry-After)
-    5xx, 408, 409                          BackendUnavailable   (retriable)
-    401, 403, 404                          BackendUnavailable   (retriable: our key or our configured
-                                                                 model is wrong for this deployment,
-                                                                 another deployment may be right)
-    400, 413, 422 and other 4xx            BackendRequestError  (not retriable; upstream's message),
-                                           ContextLengthExceeded when upstream says so
+Upstream errors -> ours (table in `backends.openai_wire`): connection errors, 429, 5xx and 401/403/404
+(a misconfigured deployment) are retriable; 400/413/422 are the request's fault and are not.
 
 Transport: `backends.upstream_http` (asyncio + httptools, a keep-alive pool of max_connections per
 backend), not httpx. `bench/upstream.py`, 64 concurrent streams x 64 events from a local upstream
@@ -34,7 +27,6 @@ loop with every client connection; ours stays ~10 us/event (JSON decoding includ
 from __future__ import annotations
 
 import asyncio
-import email.utils
 import logging
 import os
 import time
@@ -43,15 +35,14 @@ from typing import Any
 
 import msgspec
 
+from backends import openai_wire as wire
 from backends.base import (
     BackendError,
     BackendInfo,
     BackendOverloaded,
-    BackendRequestError,
     BackendTimeout,
     BackendUnavailable,
     Chunk,
-    ContextLengthExceeded,
     GenerationRequest,
     Usage,
 )
@@ -62,64 +53,6 @@ log = logging.getLogger("aibox.backends.openai")
 
 # Extra OpenAI fields forwarded verbatim from the client's body when present (others are modelled).
 _PASSTHROUGH = ("logit_bias", "response_format", "user", "min_p", "repetition_penalty")
-_REQUEST_CAUSED = {400, 413, 422}
-_RETRIABLE_4XX = {401, 403, 404, 408, 409, 425}
-
-
-class _UpstreamUsage(msgspec.Struct):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class _Delta(msgspec.Struct):
-    content: str | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    text: str | None = None  # /completions
-    delta: _Delta | None = None  # /chat/completions
-    finish_reason: str | None = None
-
-
-class _UpstreamError(msgspec.Struct):
-    message: str = "upstream error"
-    type: str | None = None
-    code: str | int | None = None
-
-
-class _Event(msgspec.Struct):
-    choices: list[_Choice] = []
-    usage: _UpstreamUsage | None = None
-    error: _UpstreamError | None = None
-
-
-class _ErrorBody(msgspec.Struct):
-    error: _UpstreamError | str | None = None
-    message: str | None = None  # some servers (llama-server, FastAPI) use a flat shape
-
-
-class _Message(msgspec.Struct):
-    content: str | None = None
-
-
-class _WholeChoice(msgspec.Struct):
-    index: int = 0
-    text: str | None = None
-    message: _Message | None = None
-    finish_reason: str | None = None
-
-
-class _Whole(msgspec.Struct):
-    """A non-streaming answer, from servers that ignore `stream: true`."""
-
-    choices: list[_WholeChoice] = []
-    usage: _UpstreamUsage | None = None
-
-
-_event_decoder = msgspec.json.Decoder(_Event)
-_whole_decoder = msgspec.json.Decoder(_Whole)
-_error_decoder = msgspec.json.Decoder(_ErrorBody)
 _encoder = msgspec.json.Encoder()
 
 
@@ -288,11 +221,12 @@ class OpenAIUpstreamBackend:
                     done = True
                     break
                 try:
-                    event = _event_decoder.decode(data)
+                    event = wire.event_decoder.decode(data)
                 except msgspec.DecodeError:
                     raise BackendError("The model backend sent a malformed stream.") from None
                 if event.error is not None:
-                    raise self._stream_error(event.error)
+                    log.warning("upstream %s sent an error event: %s", self.name, event.error.message)
+                    raise wire.stream_error(event.error)
                 if event.usage is not None:
                     usage = Usage(prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens)
                 for choice in event.choices:
@@ -320,7 +254,7 @@ class OpenAIUpstreamBackend:
         """A server that answered with one JSON body: one text chunk, then the final chunk."""
         try:
             body = await self._bounded(response.aread(), deadline, "first token")
-            whole = _whole_decoder.decode(body)
+            whole = wire.whole_decoder.decode(body)
         except TransportError:
             raise BackendUnavailable("The model backend closed the connection mid-response.") from None
         except (msgspec.DecodeError, msgspec.ValidationError):
@@ -335,6 +269,11 @@ class OpenAIUpstreamBackend:
         usage = Usage(prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens) if u else Usage(completion_tokens=1 if text else 0)
         yield Chunk(finish_reason="length" if choice.finish_reason == "length" else "stop", usage=usage)
 
+    def _status_error(self, status: int, body: bytes, retry_after: str | None) -> BackendError:
+        err = wire.status_error(status, body, retry_after)
+        log.warning("upstream %s answered HTTP %d: %s", self.name, status, err.message)
+        return err
+
     async def _drain(self, pieces: AsyncIterator[bytes], deadline: float) -> None:
         """Read the (empty) rest after [DONE] so the connection goes back to the pool."""
         try:
@@ -343,52 +282,3 @@ class OpenAIUpstreamBackend:
                     pass
         except (TimeoutError, TransportError):
             pass  # the connection is closed instead of reused; nothing is lost
-
-    # ------------------------------------------------------------------ errors
-    def _status_error(self, status: int, body: bytes, retry_after: str | None) -> BackendError:
-        message, code = _error_message(body)
-        log.warning("upstream %s answered HTTP %d: %s", self.name, status, message)
-        retry_after_s = _parse_retry_after(retry_after)
-        if status == 429 or (status == 503 and retry_after_s is not None):
-            return BackendOverloaded("The model backend is overloaded; try again later.", retry_after_s=retry_after_s or 1.0)
-        if status >= 500 or status in _RETRIABLE_4XX:
-            return BackendUnavailable(f"The model backend failed (upstream HTTP {status}).", code="upstream_error")
-        if code == "context_length_exceeded" or "context length" in message.lower() or "maximum context" in message.lower():
-            return ContextLengthExceeded(message)
-        err = BackendRequestError(message, code=str(code) if code is not None else None)
-        if status not in _REQUEST_CAUSED:
-            err.code = err.code or f"upstream_{status}"
-        return err
-
-    def _stream_error(self, error: _UpstreamError) -> BackendError:
-        log.warning("upstream %s sent an error event: %s", self.name, error.message)
-        if error.type == "invalid_request_error" or error.code in (400, "400"):
-            return BackendRequestError(error.message)
-        return BackendUnavailable("The model backend failed mid-response.", code="upstream_error")
-
-
-def _error_message(body: bytes) -> tuple[str, str | int | None]:
-    """Upstream's error message and code from an OpenAI-shaped (or flat) error body."""
-    try:
-        parsed = _error_decoder.decode(body)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        text = body.decode("utf-8", "replace").strip()
-        return (text[:300] or "upstream error", None)
-    if isinstance(parsed.error, _UpstreamError):
-        return (parsed.error.message[:500], parsed.error.code)
-    return ((parsed.error or parsed.message or "upstream error")[:500], None)
-
-
-def _parse_retry_after(value: str | None) -> float | None:
-    """Retry-After as seconds (delta-seconds or an HTTP date), or None."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
