@@ -11,7 +11,7 @@ uvicorn's own handler would close the listener first (so /ready could not say "d
 re-raise the signal after shutdown (so the exit status would not be 0); `DrainingServer`
 replaces that handler. A second signal falls back to uvicorn's immediate exit.
 
-The abort works through ASGI itself: `DrainMiddleware` hands the app an `http.disconnect` and
+The abort works through ASGI itself: `Drain.middleware` hands the app an `http.disconnect` and
 finishes the response on the app's behalf, so no pipeline code needs to know about draining.
 """
 
@@ -39,15 +39,30 @@ _ABORTED = Unavailable("The server is shutting down; retry on another instance."
 _REFUSED = Unavailable("The server is shutting down and accepts no new requests.", code="server_shutting_down")
 
 
+_DISCONNECT = {"type": "http.disconnect"}
+
+
 class _Active:
-    __slots__ = ("scope", "abort", "started", "is_sse", "complete")
+    """One request in flight. An abort wakes the tasks blocked in `receive` by cancelling them
+    (and un-cancelling them as they return `http.disconnect`): no extra task per request."""
+
+    __slots__ = ("scope", "aborted", "receivers", "cancelled", "started", "is_sse", "complete")
 
     def __init__(self, scope: Any) -> None:
         self.scope = scope
-        self.abort = asyncio.Event()
+        self.aborted = False
+        self.receivers: set[asyncio.Task[Any]] = set()
+        self.cancelled: set[asyncio.Task[Any]] = set()
         self.started = False
         self.is_sse = False
         self.complete = False
+
+    def abort(self) -> None:
+        self.aborted = True
+        self.scope[ABORTED_SCOPE_KEY] = True  # lets the pipeline tell a drain abort from a client leaving
+        for task in self.receivers:
+            self.cancelled.add(task)
+            task.cancel()
 
 
 class Drain:
@@ -86,26 +101,30 @@ class Drain:
 
         async def receive_or_abort() -> Any:
             nonlocal body_done
-            if act.abort.is_set():
-                return {"type": "http.disconnect"}
-            if not body_done:  # reading the body: the fast path, no extra task
+            if act.aborted:
+                return _DISCONNECT
+            if not body_done:  # reading the body
                 message = await receive()
                 body_done = message["type"] != "http.request" or not message.get("more_body", False)
                 return message
-            # Waiting for a disconnect (streams, long generations): race it with the abort.
-            recv = asyncio.ensure_future(receive())
-            aborted = asyncio.ensure_future(act.abort.wait())
+            # Waiting for a disconnect (streams, long generations): an abort cancels this wait.
+            task = asyncio.current_task()
+            assert task is not None
+            act.receivers.add(task)
             try:
-                await asyncio.wait({recv, aborted}, return_when=asyncio.FIRST_COMPLETED)
+                return await receive()
+            except asyncio.CancelledError:
+                if task not in act.cancelled:
+                    raise
+                act.cancelled.discard(task)
+                if task.uncancel() > 0:  # someone else cancelled it too
+                    raise
+                return _DISCONNECT
             finally:
-                aborted.cancel()
-            if recv.done():
-                return recv.result()
-            recv.cancel()
-            return {"type": "http.disconnect"}
+                act.receivers.discard(task)
 
         async def send_unless_aborted(message: Any) -> None:
-            if act.abort.is_set():
+            if act.aborted:
                 return  # the app is being told the client left; we finish the response
             if message["type"] == "http.response.start":
                 act.started = True
@@ -120,7 +139,7 @@ class Drain:
             self._active.discard(act)
             if not self._active:
                 self._idle.set()
-        if act.abort.is_set() and not act.complete:
+        if act.aborted and not act.complete:
             await _finish_aborted(send, act)
 
     def begin(self, state: Any) -> None:
@@ -137,8 +156,7 @@ class Drain:
         except TimeoutError:
             log.warning("drain timeout: aborting %d requests", self.num_active)
             for act in list(self._active):
-                act.scope[ABORTED_SCOPE_KEY] = True  # lets the pipeline tell a drain abort from a client leaving
-                act.abort.set()
+                act.abort()
             try:
                 await asyncio.wait_for(self._idle.wait(), 10.0)
             except TimeoutError:

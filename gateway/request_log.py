@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from gateway.logs import JsonFormatter
+
 log = logging.getLogger("aibox.access")
 
 _FIELDS = (
@@ -59,6 +61,4 @@ def log_call(call: Any) -> None:
 
 
 def _json_output() -> bool:
-    from gateway.logs import JsonFormatter
-
     return any(isinstance(h.formatter, JsonFormatter) for h in logging.getLogger().handlers)

@@ -89,7 +89,8 @@ def spawn(tmp_path: Path) -> Iterator[Any]:
         p.stop()
 
 
-def start_streams(server: ServeProcess, n: int, max_tokens: int) -> tuple[list[threading.Thread], list[Any]]:
+def start_streams(server: ServeProcess, n: int, max_tokens: int, others: int = 0) -> tuple[list[threading.Thread], list[Any]]:
+    """n streaming requests in threads; returns once the backend serves all of them (+ `others`)."""
     results: list[Any] = [None] * n
 
     def run(i: int) -> None:
@@ -103,7 +104,7 @@ def start_streams(server: ServeProcess, n: int, max_tokens: int) -> tuple[list[t
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
-    while server.backend_in_flight() < n:
+    while server.backend_in_flight() < n + others:
         assert time.monotonic() < deadline, "streams did not start"
         time.sleep(0.01)
     return threads, results
@@ -144,13 +145,18 @@ def test_sigterm_lets_streams_finish_and_exits_0(spawn: Any) -> None:
 @pytest.mark.slow
 def test_streams_past_the_timeout_end_with_an_error_event(spawn: Any) -> None:
     server = spawn(shutdown_timeout_s=0.5)
-    threads, results = start_streams(server, 2, max_tokens=400)  # 20 s each: cut by the drain
+    blocking: list[Any] = []
+    json_call = threading.Thread(target=lambda: blocking.append(httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=400), timeout=30)))
+    json_call.start()
+    threads, results = start_streams(server, 2, max_tokens=400, others=1)  # 20 s each: cut by the drain
     t0 = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    for t in threads:
+    for t in [*threads, json_call]:
         t.join(timeout=30)
     assert server.proc.wait(timeout=30) == 0, server.output()
     assert time.monotonic() - t0 < 10
+    (cut,) = blocking  # the non-streaming request gets a 503 body instead of a response
+    assert cut.status_code == 503 and cut.json()["error"]["code"] == "server_shutting_down"
     for result in results:
         assert isinstance(result, tuple), result
         status, body = result
@@ -159,4 +165,4 @@ def test_streams_past_the_timeout_end_with_an_error_event(spawn: Any) -> None:
         assert is_openai_error(events[-2]) and events[-2]["error"]["code"] == "server_shutting_down"
         assert any(e["choices"] and e["choices"][0]["delta"].get("content") for e in events[:-2])
     rows = audit_rows(server.db)
-    assert len(rows) == 2  # the aborted requests are still accounted for
+    assert len(rows) == 3  # the aborted requests are still accounted for
