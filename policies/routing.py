@@ -152,9 +152,10 @@ class Router:
 
     def _denial(self, model: ModelSettings, requested: str, principal: Principal | None, rule: RouteRule | None) -> str | None:
         """Why the principal may not use the model, or None when it may."""
-        if principal is not None and not (principal.may_use(model.name) or principal.may_use(requested)):
+        names = {model.name, requested, *model.aliases}  # a grant of any of a model's names grants the model
+        if principal is not None and not any(principal.may_use(n) for n in names):
             return "its token's scopes do not include this model"
-        if rule is not None and rule.models is not None and not ({model.name, requested} & set(rule.models)):
+        if rule is not None and rule.models is not None and not (names & set(rule.models)):
             return "a [[routes]] rule restricts it to other models"
         if rule is not None and rule.deployments is not None and not _pinned(model.deployments, rule):
             return "a [[routes]] rule pins it to backends that do not serve this model"
@@ -190,10 +191,13 @@ class Router:
 
     def _plan_model(self, model: ModelSettings, rule: RouteRule | None, *, is_fallback: bool) -> list[Attempt]:
         deps = list(_pinned(model.deployments, rule)) if rule is not None and rule.deployments is not None else list(model.deployments)
-        ordered = self._order(model, deps)
         now = self._clock()
-        healthy = [(d, why) for d, why in ordered if self._is_healthy(d.backend, now)]
-        sick = [(d, why + "; " + self._sickness(d.backend, now)) for d, why in ordered if not self._is_healthy(d.backend, now)]
+        healthy, sick = [], []
+        for d, why in self._order(model, deps):
+            if self._is_healthy(d.backend, now):
+                healthy.append((d, why))
+            else:
+                sick.append((d, why + "; " + self._sickness(d.backend, now)))
         chosen = (healthy + sick)[: 1 + model.retries]
         pin = " (pinned by [[routes]])" if rule is not None and rule.deployments is not None else ""
         prefix = f"fallback model {model.name!r}: " if is_fallback else ""

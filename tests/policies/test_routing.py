@@ -214,3 +214,10 @@ def test_reconfigure_keeps_live_state_of_kept_backends() -> None:
     assert not new.state()["b"]["cooling"]  # b was replaced: fresh state
     router.end("a", ok=True)  # an in-flight request finishing on the old router is seen by the new one
     assert new.state()["a"]["in_flight"] == 0
+
+
+def test_a_scope_or_rule_naming_an_alias_grants_the_model() -> None:
+    router, _ = router_for([{"name": "gemma-3", "aliases": ["gemma"], "deployments": deps("a")}, {"name": "n", "deployments": deps("b")}])
+    scoped = Principal(subject="s", scopes=frozenset({"model:gemma"}))
+    assert [m.name for m in router.visible_models(scoped)] == ["gemma-3"]
+    assert [a.backend for a in router.plan("gemma-3", scoped)] == ["a"]
