@@ -131,6 +131,7 @@ def test_killed_upstream_causes_no_client_error_for_new_requests() -> None:
             for t in threads:
                 t.join()
             ready = httpx.get(gw.url + "/ready").json()
+            metrics = httpx.get(gw.url + "/metrics").text
     before = [r for r in results if r[0] < killed_at]
     after = [r for r in results if r[0] > killed_at]
     assert {"a", "b"} <= {who for _, _, who in before}
@@ -140,6 +141,7 @@ def test_killed_upstream_causes_no_client_error_for_new_requests() -> None:
     assert all(status == 200 for _, status, _ in after), Counter(s for _, s, _ in after)
     assert {who for _, _, who in after} == {"b"}
     assert ready["routing"]["a"]["cooling"] is True
+    assert 'aibox_deployment_cooling{backend="a"} 1.0' in metrics
 
 
 def test_cross_model_fallback_and_no_failover_on_request_errors() -> None:
