@@ -231,3 +231,26 @@ def test_tenant_pinning_over_http(monkeypatch: pytest.MonkeyPatch) -> None:
                 denied = ask(globex, "m")
                 assert denied.status_code == 403 and denied.json()["error"]["type"] == "permission_error"
                 assert [m["id"] for m in globex.get("/v1/models").json()["data"]] == ["other"]
+
+
+def test_aibox_gateway_in_front_of_an_aibox_worker() -> None:
+    worker_doc = {
+        "auth": {"enabled": False},
+        "ratelimit": {"enabled": False},
+        "audit": {"enabled": False},
+        "backends": {"f": {"type": "fake"}},
+        "models": [{"name": "gemma", "deployments": [{"backend": "f"}]}],
+    }
+    body = {"messages": [{"role": "user", "content": "hello there"}], "max_tokens": 5, "temperature": 0}
+    with serve(settings_from(worker_doc)) as worker:
+        doc = gateway_doc({"w": (worker.url + "/v1", "gemma")}, [{"name": "m", "deployments": [{"backend": "w"}]}])
+        with serve(settings_from(doc)) as gw, httpx.Client(timeout=10) as client:
+            direct = client.post(worker.url + "/v1/chat/completions", json={**body, "model": "gemma"}).json()
+            via = client.post(gw.url + "/v1/chat/completions", json={**body, "model": "m"}).json()
+            assert via["choices"][0]["message"]["content"] == direct["choices"][0]["message"]["content"]
+            assert via["choices"][0]["finish_reason"] == direct["choices"][0]["finish_reason"] == "length"
+            assert via["usage"] == direct["usage"]  # the worker's real usage, not an estimate
+            stream = client.post(gw.url + "/v1/chat/completions", json={**body, "model": "m", "stream": True})
+            events = [msgspec.json.decode(line[6:]) for line in stream.text.splitlines() if line.startswith("data: {")]
+            text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+            assert text == direct["choices"][0]["message"]["content"]
