@@ -120,6 +120,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n1", type=int, default=2000, help="requests at concurrency 1")
     p.add_argument("--n32", type=int, default=10000, help="requests at concurrency 32")
+    p.add_argument("--disable", default="", help="comma list of auth,ratelimit,audit to turn off (ablation)")
+    p.add_argument("--modes", default="json,sse", help="json,sse")
     p.add_argument("--upstream", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     args = p.parse_args()
     if args.upstream is not None:
@@ -137,6 +139,9 @@ def main() -> int:
         "audit": {"path": str(folder / "usage.db")},
         "backends.up": {"type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "tiny"},
     }
+    for part in filter(None, args.disable.split(",")):
+        tables[part] = {"enabled": False}
+        tables.pop(f"{part}.tiers.default", None)
     server = Aibox(write_config(folder, tables, [{"name": "m", "deployments": [{"backend": "up"}]}]))
     direct_url = f"http://127.0.0.1:{up_port}"
     json_h = {"content-type": "application/json"}
@@ -144,7 +149,7 @@ def main() -> int:
     results: dict[tuple[str, str, int], dict[str, Any]] = {}
     try:
         server.wait_ready()
-        for mode, stream in (("json", False), ("sse", True)):
+        for mode, stream in [(m, m == "sse") for m in args.modes.split(",")]:
             for conc, n in ((1, args.n1), (32, args.n32)):
                 for target in ("direct", "aibox"):
                     url, headers = (direct_url, json_h) if target == "direct" else (server.url, auth_h)
@@ -159,11 +164,11 @@ def main() -> int:
         upstream.terminate()
         upstream.wait()
     print(f"machine: {machine()}")
-    print(f"aibox exit status after SIGTERM: {rc}")
+    print(f"aibox exit status after SIGTERM: {rc}; disabled: {args.disable or 'nothing (auth, limits, audit on)'}")
     print("| mode | c | direct p50 ms | aibox p50 ms | p50 overhead ms | x-aibox-overhead-ms p50 | direct p99 | aibox p99 | direct RPS | aibox RPS | aibox/direct RPS | aibox CPU us/req | RPS/worker core |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = False
-    for mode in ("json", "sse"):
+    for mode in args.modes.split(","):
         for conc in (1, 32):
             d, a = results[(mode, "direct", conc)], results[(mode, "aibox", conc)]
             failed |= bool(d["bad"] or a["bad"])
