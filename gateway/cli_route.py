@@ -112,6 +112,9 @@ def explain(args: argparse.Namespace) -> int:
     from policies.auth import AuthError
     from policies.routing import RoutingError
 
+    if args.token and (args.subject or args.scopes):
+        print("aibox: --token already names the principal; drop --subject/--scopes", file=sys.stderr)
+        return 1
     try:
         settings = load(args.config)
         principal = _principal(args, settings)

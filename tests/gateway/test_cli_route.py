@@ -11,6 +11,7 @@ from gateway.cli import main
 CONFIG = """
 [auth]
 enabled = false
+secret_env = "AIBOX_TEST_ROUTE_SECRET"
 
 [backends.gpu]
 type = "openai"
@@ -80,3 +81,18 @@ def test_explain_per_principal(config: str, capsys: pytest.CaptureFixture[str], 
 def test_explain_unknown_model(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["route", "explain", "--config", config, "--model", "nope"]) == 2
     assert "known models: chat, gpt-4o-mini, small" in capsys.readouterr().err
+
+
+def test_explain_as_the_principal_of_a_token(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.settings import load
+    from policies.tokens import issue_token
+
+    path = tmp_path / "config.toml"
+    path.write_text(CONFIG.replace("enabled = false", "enabled = true"))
+    monkeypatch.setenv("AIBOX_TEST_ROUTE_SECRET", "k" * 40)
+    token = issue_token(load(path).auth, subject="alice", tenant="acme", ttl_s=600)
+    assert main(["route", "explain", "--config", str(path), "--model", "chat", "--token", token]) == 0
+    out = capsys.readouterr().out
+    assert "subject=alice tenant=acme" in out and rows(out) == [["gpu", "chat"]]
+    assert main(["route", "explain", "--config", str(path), "--model", "chat", "--token", token + "x"]) == 1
+    assert "token rejected" in capsys.readouterr().err
