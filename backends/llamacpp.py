@@ -55,7 +55,9 @@ class LlamaCppBackend:
             n_ctx_per_seq=config.n_ctx,
             n_seq_max=config.parallel,
             n_batch=config.n_batch,
-            n_threads=config.n_threads or os.cpu_count() or 1,
+            # As llama-cpp-python: half the logical CPUs (physical cores); spinning threads on
+            # oversubscribed cores slow every decode step down by an order of magnitude.
+            n_threads=config.n_threads or max(1, (os.cpu_count() or 2) // 2),
             n_gpu_layers=config.n_gpu_layers,
         )
         # Template precedence: the GGUF's own, then config, then Gemma's turn format.

@@ -43,6 +43,7 @@ class Job:
     sink: Sink
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
+    output_tokens: list[int] = field(default_factory=list)  # sampled ids, a final EOG included
 
 
 class _Slot:
@@ -219,6 +220,7 @@ class LlamaEngine:
     def _on_token(self, slot: _Slot, token: int) -> None:
         job = slot.job
         assert job is not None
+        job.output_tokens.append(token)
         if self._model.is_eog(token):
             self._finish(slot, "stop", "")
             return
@@ -243,11 +245,12 @@ class LlamaEngine:
             else:
                 text += slot.stopper.flush()
         usage = Usage(prompt_tokens=len(job.prompt_tokens), completion_tokens=slot.num_generated)
-        job.sink(Chunk(text=text, finish_reason=reason, usage=usage, queue_ms=slot.queue_ms))
+        final = Chunk(text=text, finish_reason=reason, usage=usage, queue_ms=slot.queue_ms)
         elapsed = time.monotonic() - slot.started_at
         self._avg_request_s = elapsed if self._avg_request_s == 0 else 0.8 * self._avg_request_s + 0.2 * elapsed
-        with self._cond:
+        with self._cond:  # free first: once the client has its last chunk, the slot is free
             self._free(slot)
+        job.sink(final)
 
     def _free(self, slot: _Slot) -> None:
         """Release a slot's KV cells and sampler at once (caller holds `_cond`)."""

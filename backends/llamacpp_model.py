@@ -53,6 +53,7 @@ class LlamaModel:
         n_gpu_layers: int = 0,
         kv_unified: bool = True,
         repack_weights: bool = True,
+        flash_attn: int = -1,
     ) -> None:
         _init_backend()
         model_params = lc.llama_model_default_params()
@@ -78,6 +79,7 @@ class LlamaModel:
         ctx_params.n_threads_batch = n_threads
         ctx_params.kv_unified = kv_unified
         ctx_params.no_perf = True
+        ctx_params.flash_attn_type = flash_attn
         self._ctx = lc.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             lc.llama_model_free(self._model)
