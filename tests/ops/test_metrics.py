@@ -4,6 +4,7 @@ the one-line-per-request access log."""
 from __future__ import annotations
 
 import logging
+import re
 import os
 import subprocess
 import sys
@@ -132,3 +133,16 @@ def test_multiprocess_mode_sums_workers(tmp_path: Path) -> None:
     text = worker(0, "render")
     assert value(text, "aibox_requests_total", endpoint="completions", model="m", status="200") == 7
     assert value(text, "aibox:generation_tokens_total", model_name="m", backend="f") == 35
+
+
+def test_grafana_dashboard_queries_only_exported_series(server: LiveServer) -> None:
+    """Every metric the shipped dashboard queries is one the gateway exports (a rename breaks this)."""
+    from gateway.metrics import LIVE_SERIES
+
+    text = httpx.get(server.url + "/metrics").text
+    exported = {fam.name for fam in text_string_to_metric_families(text)}
+    exported |= {name for name, (_, kind, _, _) in LIVE_SERIES.items()}  # engine gauges a fake backend lacks
+    dashboard = (Path(__file__).resolve().parents[2] / "deploy" / "grafana-dashboard.json").read_text()
+    queried = set(re.findall(r"\b(aibox[:_][a-z0-9_:]+?)(?:_bucket|_total|_count|_sum)?\b(?=[{\[)\s,])", dashboard))
+    assert queried, "no queries found"
+    assert queried <= exported, sorted(queried - exported)
