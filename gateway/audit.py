@@ -73,8 +73,8 @@ class AuditStore:
         db = await asyncio.to_thread(
             connect, self.path, synchronous=self.settings.synchronous, busy_timeout_ms=self._busy_timeout_ms
         )
-        seed = await asyncio.to_thread(quota_seed_rows, db, self._clock())
-        self.quotas.seed(seed)
+        if self.quotas.kinds:  # no quotas configured: no totals to keep, nothing to read
+            self.quotas.seed(await asyncio.to_thread(quota_seed_rows, db, self._clock(), self.quotas.kinds))
         self._writer = AuditWriter(
             db, buffer_rows=self.settings.buffer_rows, retention_days=self.settings.retention_days, clock=self._clock
         )

@@ -1,6 +1,7 @@
 """Read-side queries over the audit store, shared by `aibox usage` and the store itself.
 
-Summaries over a time range read whole UTC days from the `daily_usage` rollup and only the
+Summaries over a time range read whole UTC days from the smallest rollup that has the
+requested dimensions (`daily_totals`, else `daily_usage`) and only the
 partial first/last day from `requests` (through the ts index), so `--since 30d` costs about
 as much as `--since 24h` even at 10 million rows. Each result is a list of plain dicts with
 stable keys: the CLI renders them as a table, JSON or CSV.
@@ -14,7 +15,7 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.audit_schema import COLUMNS, utc_day
+from gateway.audit_schema import COLUMNS, ROLLUPS, utc_day
 
 DIMENSIONS = ("tenant", "subject", "model", "deployment", "day", "status")
 METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "avg_total_ms", "avg_ttft_ms")
@@ -39,6 +40,14 @@ def _day_floor(ts: float) -> float:
     return (ts // 86400) * 86400.0
 
 
+def rollup_for(by: list[str]) -> str:
+    """The smallest rollup table that has every grouping dimension."""
+    for table in sorted(ROLLUPS, key=lambda t: len(ROLLUPS[t])):
+        if set(by) <= set(ROLLUPS[table]):
+            return table
+    raise ValueError(f"no rollup covers {by}")
+
+
 def summary(db: sqlite_utils.Database, since: float | None, until: float | None, by: list[str]) -> list[dict[str, Any]]:
     """Requests, errors, tokens and mean latencies in [since, until), grouped by `by`."""
     for dim in by:
@@ -53,7 +62,7 @@ def summary(db: sqlite_utils.Database, since: float | None, until: float | None,
         if first_day is not None:
             where.append("day >= ?")
             params.append(utc_day(first_day))
-        _accumulate(db, totals, by, list(by), "daily_usage", _ROLLUP_SUMS, where, params)
+        _accumulate(db, totals, by, list(by), rollup_for(by), _ROLLUP_SUMS, where, params)
         edges = ([(since, first_day)] if since is not None else []) + [(last_day, until)]
     else:
         edges = [(since, until)]
@@ -177,17 +186,18 @@ def export(db: sqlite_utils.Database, filters: dict[str, Any]) -> Iterator[dict[
         yield _request_dict(row)
 
 
-def quota_seed_rows(db: sqlite_utils.Database, now: float) -> list[tuple[str, str, str, int, int]]:
-    """(kind, key, day, tokens today, tokens this month) per tenant and subject, from the rollup.
+def quota_seed_rows(db: sqlite_utils.Database, now: float, kinds: tuple[str, ...] = ("tenant", "subject")) -> list[tuple[str, str, str, int, int]]:
+    """(kind, key, day, tokens today, tokens this month) per tenant and/or subject, from the rollups.
 
     Aggregated in SQL so startup reads one row per tenant/subject, not one per rollup row.
     """
     today = utc_day(now)
     out: list[tuple[str, str, str, int, int]] = []
-    for kind in ("tenant", "subject"):
+    for kind in kinds:
+        table = rollup_for([kind])
         sql = (
             f"SELECT {kind}, SUM(CASE WHEN day = ? THEN prompt_tokens + completion_tokens ELSE 0 END), "
-            f"SUM(prompt_tokens + completion_tokens) FROM daily_usage WHERE day >= ? AND {kind} != '' GROUP BY {kind}"
+            f"SUM(prompt_tokens + completion_tokens) FROM {table} WHERE day >= ? AND {kind} != '' GROUP BY {kind}"
         )
         out.extend((kind, key, today, int(d or 0), int(m or 0)) for key, d, m in db.execute(sql, [today, today[:7] + "-01"]))
     return out
@@ -222,6 +232,7 @@ def prune(
             break
         if (max_batches is not None and num_batches >= max_batches) or (should_yield and should_yield()):
             return num_deleted
-    conn.execute("DELETE FROM daily_usage WHERE day < ?", [utc_day(cutoff)])
+    for table in ROLLUPS:
+        conn.execute(f"DELETE FROM {table} WHERE day < ?", [utc_day(cutoff)])
     conn.commit()
     return num_deleted

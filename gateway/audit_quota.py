@@ -107,6 +107,11 @@ class QuotaTracker:
     def enabled(self) -> bool:
         return any(self._quotas.values())
 
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """"tenant" and/or "subject": the kinds that have quotas (only those need totals)."""
+        return tuple(kind for kind, quotas in self._quotas.items() if quotas)
+
     def limits(self, kind: str, key: str) -> QuotaSettings | None:
         """The quota for a tenant/subject: its own entry, else the "*" default, else None."""
         quotas = self._quotas[kind]

@@ -27,7 +27,7 @@ import sqlite_utils
 from msgspec.structs import astuple
 
 from gateway.audit_queries import prune
-from gateway.audit_schema import INSERT_SQL, ROLLUP_SQL, utc_day
+from gateway.audit_schema import INSERT_SQL, ROLLUPS, UPSERT_SQL, utc_day
 
 log = logging.getLogger("aibox.audit")
 
@@ -35,6 +35,9 @@ MAX_BATCH_ROWS = 10_000  # bounds one transaction's duration (and WAL growth) un
 LOG_EVERY_S = 10.0  # repeated-failure logs: loud but not one line per request
 RETENTION_EVERY_S = 3600.0
 RETENTION_BATCH_ROWS = 2000
+
+_FINEST = ROLLUPS["daily_usage"]
+_PROJECTIONS = {table: [_FINEST.index(k) for k in keys] for table, keys in ROLLUPS.items()}
 
 # (record, enqueue time, waiter) ; waiter is (loop, future) for a request awaiting the commit
 Item = tuple[Any, float, "tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]] | None"]
@@ -144,11 +147,8 @@ class AuditWriter(threading.Thread):
     def _write(self, batch: list[Item]) -> bool:
         start = time.perf_counter()
         try:
-            rows, rollup = self._encode(batch)
-            conn = self.db.conn
-            conn.executemany(INSERT_SQL, rows)
-            conn.executemany(ROLLUP_SQL, rollup)
-            conn.commit()
+            self._insert(batch)
+            self.db.conn.commit()
         except sqlite3.OperationalError as exc:  # full, locked, I/O: transient, retry
             self._rollback()
             self._failed(exc, len(batch))
@@ -165,9 +165,7 @@ class AuditWriter(threading.Thread):
         good: list[Item] = []
         for item in batch:
             try:
-                rows, rollup = self._encode([item])
-                self.db.conn.executemany(INSERT_SQL, rows)
-                self.db.conn.executemany(ROLLUP_SQL, rollup)
+                self._insert([item])
                 good.append(item)
             except sqlite3.OperationalError as exc:
                 self._rollback()
@@ -186,9 +184,18 @@ class AuditWriter(threading.Thread):
         self._notify([i for i in batch if i not in good], ok=False)
         return True
 
-    def _encode(self, batch: list[Item]) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    def _insert(self, batch: list[Item]) -> None:
+        """The rows and their rollup increments, inside the current transaction."""
+        rows, rollups = self._encode(batch)
+        conn = self.db.conn
+        conn.executemany(INSERT_SQL, rows)
+        for table, values in rollups.items():
+            conn.executemany(UPSERT_SQL[table], values)
+
+    @staticmethod
+    def _encode(batch: list[Item]) -> tuple[list[tuple[Any, ...]], dict[str, list[tuple[Any, ...]]]]:
         rows = []
-        rollup: dict[tuple[str, str, str, str, str, int], list[float]] = {}
+        fine: dict[tuple[Any, ...], list[float]] = {}
         days: dict[int, str] = {}  # a batch spans one or two UTC days: format each once
         for record, _, _ in batch:
             model = record.model_served or record.model_requested
@@ -196,9 +203,9 @@ class AuditWriter(threading.Thread):
             day_num = int(record.ts // 86400)
             day = days.get(day_num) or days.setdefault(day_num, utc_day(record.ts))
             key = (day, record.tenant or "", record.subject, model or "", record.deployment or "", record.status)
-            agg = rollup.get(key)
+            agg = fine.get(key)
             if agg is None:
-                agg = rollup[key] = [0, 0, 0, 0, 0.0, 0.0, 0]
+                agg = fine[key] = [0, 0, 0, 0, 0.0, 0.0, 0]
             agg[0] += 1
             agg[1] += record.status >= 400
             agg[2] += record.prompt_tokens
@@ -207,7 +214,19 @@ class AuditWriter(threading.Thread):
             if record.ttft_ms is not None:
                 agg[5] += record.ttft_ms
                 agg[6] += 1
-        return rows, [(*k, *v) for k, v in rollup.items()]
+        rollups = {}
+        for table, pick in _PROJECTIONS.items():  # coarser rollups are sums over the finest
+            acc: dict[tuple[Any, ...], list[float]] = {}
+            for key, agg in fine.items():
+                sub = tuple(key[i] for i in pick)
+                cur = acc.get(sub)
+                if cur is None:
+                    acc[sub] = list(agg)
+                else:
+                    for i, v in enumerate(agg):
+                        cur[i] += v
+            rollups[table] = [(*k, *v) for k, v in acc.items()]
+        return rows, rollups
 
     def _committed(self, batch: list[Item]) -> None:
         self.num_rows_written += len(batch)

@@ -193,7 +193,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
     now = time.time()
     tracker = QuotaTracker(settings.tenant_quotas, settings.subject_quotas)
     if Path(settings.path).exists():
-        tracker.seed(queries.quota_seed_rows(connect(settings.path), now))
+        tracker.seed(queries.quota_seed_rows(connect(settings.path), now, tracker.kinds))
     rows = []
     for kind, wanted in (("tenant", args.tenant), ("subject", args.subject)):
         if (args.tenant or args.subject) and not wanted:

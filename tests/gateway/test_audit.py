@@ -215,3 +215,21 @@ async def test_disk_full_buffers_rows_then_recovers(db_path: Path) -> None:
     assert not store.health()["failing"]
     await store.close()
     assert len(rows(db_path)) == num
+
+
+async def test_new_rollup_migration_backfills_an_existing_store(db_path: Path) -> None:
+    store = await started(db_path)
+    for i, (tenant, status) in enumerate([("acme", 200), ("acme", 200), ("acme", 500), ("globex", 200)]):
+        await store.record(make_row(i, tenant=tenant, status=status, subject=f"s{i}"))
+    await store.close()
+    # Roll the database back to before m003, as a store written by the previous release.
+    import sqlite_utils
+
+    old = sqlite_utils.Database(db_path)
+    old["daily_totals"].drop()
+    old.execute("DELETE FROM _migrations WHERE name = 'm003_daily_totals'")
+    old.conn.commit()
+    old.close()
+    db = connect(db_path)
+    got = {(r["tenant"], r["status"]): (r["requests"], r["prompt_tokens"]) for r in db["daily_totals"].rows}
+    assert got == {("acme", 200): (2, 14), ("acme", 500): (1, 7), ("globex", 200): (1, 7)}
