@@ -54,10 +54,12 @@ def log_call(call: Any) -> None:
         return
     fields = call_fields(call)
     if _json_output():  # the fields are JSON keys already; do not repeat them in "msg"
-        log.info("request", extra=fields)
-        return
-    text = " ".join(f"{k}={fields[k]}" for k in _FIELDS if fields[k] is not None)
-    log.info("request %s", text, extra=fields)
+        msg, args = "request", ()
+    else:
+        msg, args = "request %s", (" ".join(f"{k}={fields[k]}" for k in _FIELDS if fields[k] is not None),)
+    # makeRecord + handle rather than log.info: skips the caller lookup (a stack walk per request),
+    # which a per-request line does not need.
+    log.handle(log.makeRecord(log.name, logging.INFO, __file__, 0, msg, args, None, extra=fields))
 
 
 def _json_output() -> bool:
