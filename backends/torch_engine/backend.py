@@ -30,7 +30,7 @@ from backends.base import (
     Usage,
 )
 from backends.bundled import GEMMA_CHAT_TEMPLATE, GEMMA_TURN_STOPS
-from backends.torch_engine.engine import Engine, QueueFull, RequestMetrics, RequestOutput
+from backends.torch_engine.engine import ABORTED, Engine, QueueFull, RequestMetrics, RequestOutput
 from backends.torch_engine.loader import LoadedEngine, build_engine
 from gateway.settings import TorchBackendConfig
 
@@ -190,6 +190,8 @@ class TorchBackend:
                 out = await queue.get()
                 if out.error is not None:
                     finished = True
+                    if out.error == ABORTED:
+                        raise BackendUnavailable(f"backend {self.name!r} is shutting down")
                     raise BackendError(f"backend {self.name!r} failed: {out.error}")
                 queue_ms = None if out.queue_s is None else out.queue_s * 1000.0
                 if out.finish_reason is not None:

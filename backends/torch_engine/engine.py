@@ -24,6 +24,9 @@ from backends.torch_engine.sequence import Sequence
 log = logging.getLogger(__name__)
 
 
+ABORTED = "aborted"  # RequestOutput.error of a request stopped by abort() / shutdown()
+
+
 class QueueFull(Exception):
     """The waiting queue is at its bound; the caller should come back later."""
 
@@ -208,6 +211,8 @@ class Engine:
             req = self._requests.pop(seq_id, None)
             if req is not None:
                 self._finish(req, "abort")
+                # Wakes a caller still waiting (shutdown); a disconnected one never reads it.
+                req.on_output(RequestOutput(seq_id, "", [], error=ABORTED))
 
     def _postprocess(self, seq: Sequence, token_id: int, now: float) -> None:
         req = self._requests[seq.seq_id]

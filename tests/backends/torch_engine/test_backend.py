@@ -8,7 +8,14 @@ from typing import Any
 
 import pytest
 
-from backends.base import BackendOverloaded, ContextLengthExceeded, GenerationRequest, Message, SamplingParams
+from backends.base import (
+    BackendOverloaded,
+    BackendUnavailable,
+    ContextLengthExceeded,
+    GenerationRequest,
+    Message,
+    SamplingParams,
+)
 from backends.torch_engine.backend import TorchBackend
 from gateway.settings import TorchBackendConfig
 
@@ -113,3 +120,13 @@ async def test_context_length_is_checked_before_the_first_chunk(tiny_dir: Path) 
         assert backend.stats()["in_flight"] == 0
     finally:
         await backend.close()
+
+
+async def test_close_fails_in_flight_requests_as_retriable(tiny_dir: Path) -> None:
+    backend = await started(tiny_dir)
+    stream = backend.generate(request(max_tokens=200))
+    await anext(stream)
+    await backend.close()
+    with pytest.raises(BackendUnavailable, match="shutting down"):
+        async for _ in stream:
+            pass
