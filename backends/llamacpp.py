@@ -58,6 +58,7 @@ class LlamaCppBackend:
             # As llama-cpp-python: half the logical CPUs (physical cores); spinning threads on
             # oversubscribed cores slow every decode step down by an order of magnitude.
             n_threads=config.n_threads or max(1, (os.cpu_count() or 2) // 2),
+            n_threads_batch=config.n_threads_batch,
             n_gpu_layers=config.n_gpu_layers,
         )
         # Template precedence: the GGUF's own, then config, then Gemma's turn format.

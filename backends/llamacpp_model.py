@@ -50,6 +50,7 @@ class LlamaModel:
         n_seq_max: int,
         n_batch: int,
         n_threads: int,
+        n_threads_batch: int | None = None,
         n_gpu_layers: int = 0,
         kv_unified: bool = True,
         repack_weights: bool = True,
@@ -76,7 +77,8 @@ class LlamaModel:
         ctx_params.n_ubatch = self.n_batch
         ctx_params.n_seq_max = n_seq_max
         ctx_params.n_threads = n_threads
-        ctx_params.n_threads_batch = n_threads
+        # llama.cpp uses n_threads for 1-token steps and n_threads_batch for larger ones.
+        ctx_params.n_threads_batch = n_threads_batch or n_threads
         ctx_params.kv_unified = kv_unified
         ctx_params.no_perf = True
         ctx_params.flash_attn_type = flash_attn

@@ -135,6 +135,7 @@ class LlamaCppBackendConfig(_Backend, tag="llamacpp"):
     model: str = BUNDLED_MODEL  # a .gguf path or "bundled:gemma3-270m"
     n_ctx: PositiveInt = 4096
     n_threads: PositiveInt | None = None
+    n_threads_batch: PositiveInt | None = None  # threads for multi-token steps; default: n_threads
     n_batch: PositiveInt = 512
     n_gpu_layers: int = 0
     parallel: PositiveInt = 4  # sequences decoded together in one llama_decode

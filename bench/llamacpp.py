@@ -1,0 +1,189 @@
+"""llama.cpp backend benchmark: aibox vs llama-cpp-python called directly, same run, same model.
+
+    .venv/bin/python -m bench.llamacpp [--threads 1] [--max-tokens 128] [--repeats 3] [--no-http]
+
+Measures, on the bundled Gemma 3 270M (greedy, one prompt per stream):
+  direct   `Llama.create_completion` (llama-cpp-python's high-level API), one stream
+  backend  `LlamaCppBackend.generate` in this process: one stream, then N concurrent streams
+  http     `aibox serve` in a subprocess, driven over HTTP/SSE: one stream, then N concurrent
+Throughput is completion tokens / wall time of the whole request (prefill included, the same
+for every path). Rounds alternate the paths so a noisy neighbour hits all of them alike;
+medians are reported. Both engines use the same thread count (`--threads`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import dataclass
+
+import httpx
+from llama_cpp import Llama
+
+from backends.base import GenerationRequest, SamplingParams
+from backends.bundled import resolve_model_path
+from backends.llamacpp import LlamaCppBackend
+from bench.harness import Aibox, machine, temp_dir, write_config
+from gateway.settings import LlamaCppBackendConfig
+
+PROMPTS = [
+    "Once upon a time, in a small village by the sea,",
+    "The history of the Roman Empire begins",
+    "Here is a long list of fruits and vegetables:",
+    "Dear diary, today I went to the market and",
+    "The recipe for a perfect chocolate cake is",
+    "In the year 2050, cities will",
+    "The rules of chess are simple. First,",
+    "A guide to planting a vegetable garden:",
+]
+N_CTX = 1024
+
+
+@dataclass
+class Run:
+    tokens: int
+    seconds: float
+    ttft_s: list[float]
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.seconds
+
+
+def run_direct(llm: Llama, max_tokens: int) -> Run:
+    start = time.perf_counter()
+    ttft = None
+    tokens = 0
+    for chunk in llm.create_completion(PROMPTS[0], max_tokens=max_tokens, temperature=0, stream=True):
+        if ttft is None:
+            ttft = time.perf_counter() - start
+        tokens += 1  # llama-cpp-python streams one chunk per generated token (no stop strings here)
+    return Run(tokens, time.perf_counter() - start, [ttft or 0.0])
+
+
+async def backend_stream(backend: LlamaCppBackend, prompt: str, max_tokens: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    req = GenerationRequest(request_id="b", model="m", prompt=prompt, max_tokens=max_tokens, sampling=SamplingParams(temperature=0))
+    async for chunk in backend.generate(req):
+        if ttft is None:
+            ttft = time.perf_counter() - start
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+    return tokens, ttft or 0.0
+
+
+async def http_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -> tuple[int, float]:
+    start = time.perf_counter()
+    ttft, tokens = None, 0
+    body = {"model": "gemma", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    async with client.stream("POST", "/v1/completions", json=body) as response:
+        response.raise_for_status()
+        async for line in response.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[6:])
+            if ttft is None and event["choices"] and event["choices"][0]["text"]:
+                ttft = time.perf_counter() - start
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+    return tokens, ttft or 0.0
+
+
+async def concurrent(stream, num: int, max_tokens: int) -> Run:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    results = await asyncio.gather(*(stream(PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(num)))
+    return Run(sum(r[0] for r in results), time.perf_counter() - start, [r[1] for r in results])
+
+
+def median(runs: list[Run]) -> tuple[float, float, float]:
+    """(median tok/s, median TTFT ms, median of per-round max TTFT ms)"""
+    return (
+        statistics.median(r.tok_s for r in runs),
+        statistics.median(statistics.median(r.ttft_s) for r in runs) * 1000,
+        statistics.median(max(r.ttft_s) for r in runs) * 1000,
+    )
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads-batch", type=int, default=None, help="default: --threads")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-http", action="store_true")
+    args = parser.parse_args()
+    path = str(resolve_model_path("bundled:gemma3-270m"))
+    threads_batch = args.threads_batch or args.threads
+    print(f"machine: {machine()}; threads={args.threads} threads_batch={threads_batch} max_tokens={args.max_tokens}")
+
+    llm = Llama(path, n_ctx=N_CTX, n_batch=512, n_threads=args.threads, n_threads_batch=threads_batch, verbose=False)
+    backend = LlamaCppBackend("gemma", LlamaCppBackendConfig(
+        n_ctx=N_CTX, n_threads=args.threads, n_threads_batch=threads_batch, parallel=args.concurrency))
+    await backend.start()
+    server = client = None
+    if not args.no_http:
+        folder = temp_dir("aibox-bench-llamacpp-")
+        config = write_config(
+            folder,
+            {"auth": {"enabled": False}, "ratelimit": {"enabled": False}, "audit": {"enabled": False},
+             "backends.gemma": {"type": "llamacpp", "n_ctx": N_CTX, "n_threads": args.threads,
+                               "n_threads_batch": threads_batch, "parallel": args.concurrency}},
+            [{"name": "gemma", "deployments": [{"backend": "gemma"}]}],
+        )
+        server = Aibox(config)
+        server.wait_ready(120)
+        client = httpx.AsyncClient(base_url=server.url, timeout=300, limits=httpx.Limits(max_connections=64))
+
+    async def b_stream(prompt: str, n: int) -> tuple[int, float]:
+        return await backend_stream(backend, prompt, n)
+
+    async def h_stream(prompt: str, n: int) -> tuple[int, float]:
+        assert client is not None
+        return await http_stream(client, prompt, n)
+
+    results: dict[str, list[Run]] = {k: [] for k in ("direct", "backend1", "backendN", "http1", "httpN")}
+    try:
+        run_direct(llm, 8)  # warm-up: first-call allocations, page cache
+        await concurrent(b_stream, args.concurrency, 8)
+        if client:
+            await concurrent(h_stream, args.concurrency, 8)
+        for _ in range(args.repeats):
+            results["direct"].append(await asyncio.to_thread(run_direct, llm, args.max_tokens))
+            results["backend1"].append(await concurrent(b_stream, 1, args.max_tokens))
+            results["backendN"].append(await concurrent(b_stream, args.concurrency, args.max_tokens))
+            if client:
+                results["http1"].append(await concurrent(h_stream, 1, args.max_tokens))
+                results["httpN"].append(await concurrent(h_stream, args.concurrency, args.max_tokens))
+    finally:
+        await backend.close()
+        if client:
+            await client.aclose()
+        if server:
+            server.stop()
+
+    direct = median(results["direct"])
+    print(f"{'path':<28}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT max ms':>13}")
+    labels = {"direct": "llama-cpp-python direct x1", "backend1": "aibox backend x1", "http1": "aibox HTTP x1",
+              "backendN": f"aibox backend x{args.concurrency}", "httpN": f"aibox HTTP x{args.concurrency}"}
+    for key, label in labels.items():
+        if results[key]:
+            tok_s, ttft, ttft_max = median(results[key])
+            print(f"{label:<28}{tok_s:>9.1f}{ttft:>13.0f}{ttft_max:>13.0f}")
+    b1, bn = median(results["backend1"])[0], median(results["backendN"])[0]
+    print(f"ratio backend x1 / direct: {b1 / direct[0]:.2f}  (target >= 0.9)")
+    print(f"ratio backend x{args.concurrency} / backend x1: {bn / b1:.2f}  (target >= 2.5)")
+    if results["http1"]:
+        h1, hn = median(results["http1"])[0], median(results["httpN"])[0]
+        print(f"ratio HTTP x1 / direct: {h1 / direct[0]:.2f}  (target >= 0.9)")
+        print(f"ratio HTTP x{args.concurrency} / HTTP x1: {hn / h1:.2f}  (target >= 2.5)")
+    print(f"machine after: {machine()}")
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
