@@ -178,7 +178,9 @@ def main() -> int:
     oh = sorted(stats.overhead_ms)
     print(f"x-aibox-overhead-ms (at header time): p50 {percentile(oh, 50):.3f}  p99 {percentile(oh, 99):.3f}")
     print(f"server CPU: {cpu_server:.2f} s = {cpu_server / done * 1e6:.0f} us/request ({cpu_server / wall:.0%} of a core)")
-    print(f"client CPU: {cpu_client:.2f} s = {cpu_client / wall:.0%} of a core (below 100%: not the bottleneck)")
+    print(f"client CPU: {cpu_client:.2f} s = {cpu_client / done * 1e6:.0f} us/request ({cpu_client / wall:.0%} of a core; "
+          f"{'well below' if cpu_client < cpu_server / 2 else 'NOT well below'} the server's, so the client is "
+          f"{'not' if cpu_client < cpu_server / 2 else 'possibly'} the bottleneck)")
     print(f"server exit status after SIGTERM: {rc}   audit rows: {rows} (requests: {args.requests})")
     ok = not stats.failures and done == args.requests and rc == 0 and rows == args.requests
     print("RESULT:", "PASS" if ok else "FAIL")
