@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 
+from gateway.audit_checkpoint import Checkpointer
 from gateway.audit_queries import quota_seed_rows
 from gateway.audit_quota import QuotaExhausted, QuotaTracker
 from gateway.audit_schema import AuditRecord, connect
@@ -65,6 +66,7 @@ class AuditStore:
         self._close_timeout_s = close_timeout_s
         self.quotas = QuotaTracker(settings.tenant_quotas, settings.subject_quotas, clock)
         self._writer: AuditWriter | None = None
+        self._checkpointer: Checkpointer | None = None
         self._num_wait_timeouts = 0
         self._num_dropped_closed = 0
 
@@ -75,6 +77,9 @@ class AuditStore:
         )
         if self.quotas.kinds:  # no quotas configured: no totals to keep, nothing to read
             self.quotas.seed(await asyncio.to_thread(quota_seed_rows, db, self._clock(), self.quotas.kinds))
+        db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run on their own thread
+        self._checkpointer = Checkpointer(self.path, busy_timeout_ms=self._busy_timeout_ms)
+        self._checkpointer.start()
         self._writer = AuditWriter(
             db, buffer_rows=self.settings.buffer_rows, retention_days=self.settings.retention_days, clock=self._clock
         )
@@ -163,6 +168,8 @@ class AuditStore:
             "last_commit_ms": w.last_commit_ms,
             "max_batch_rows": w.max_batch_rows,
             "failing": int(w.failing_since is not None),
+            "wal_checkpoints": self._checkpointer.num_checkpoints if self._checkpointer else 0,
+            "wal_frames": self._checkpointer.wal_frames if self._checkpointer else 0,
         }
 
     async def close(self) -> None:
@@ -173,6 +180,9 @@ class AuditStore:
         w.set_stop_deadline(time.monotonic() + self._close_timeout_s)
         w.stop()
         await asyncio.to_thread(w.join, self._close_timeout_s + 5)
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.stop)
+            self._checkpointer = None
         if w.queue_depth:
             log.error("audit store closed with %d rows not written (%s)", w.queue_depth, w.last_error)
         await asyncio.to_thread(self._close_db, w)

@@ -233,3 +233,20 @@ async def test_new_rollup_migration_backfills_an_existing_store(db_path: Path) -
     db = connect(db_path)
     got = {(r["tenant"], r["status"]): (r["requests"], r["prompt_tokens"]) for r in db["daily_totals"].rows}
     assert got == {("acme", 200): (2, 14), ("acme", 500): (1, 7), ("globex", 200): (1, 7)}
+
+
+async def test_checkpoints_run_off_the_commit_path(db_path: Path) -> None:
+    from gateway.audit_checkpoint import Checkpointer
+
+    store = await started(db_path)
+    await asyncio.gather(*(store.record(make_row(i)) for i in range(50)))
+    assert store._writer.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # no fsync inside a commit
+    checkpointer = Checkpointer(db_path)
+    conn = sqlite3.connect(db_path)
+    checkpointer.checkpoint(conn)  # what the background thread does every second
+    busy, wal_frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+    conn.close()
+    assert checkpointer.num_checkpoints == 1 and checkpointer.wal_frames > 0
+    assert busy == 0 and copied == wal_frames  # everything reached the database file
+    await store.close()
+    assert not Path(str(db_path) + "-wal").exists() or Path(str(db_path) + "-wal").stat().st_size == 0
