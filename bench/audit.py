@@ -114,7 +114,7 @@ def query_timings(db, now: float) -> list[tuple[str, float, int]]:  # type: igno
         ("usage requests --id <one id>", lambda: q.requests(db, {"request_id": some_id}, 50)),
         ("usage requests --tenant tenant-3 --status 5xx --limit 50", lambda: q.requests(db, {"tenant": "tenant-3", "status": "5xx"}, 50)),
         ("usage export --since 24h (rows streamed)", lambda: sum(1 for _ in q.export(db, {"since": day}))),
-        ("quota seed at startup (month from rollup)", lambda: q.quota_seed_rows(db, now)),
+        ("quota seed at startup, tenant + subject quotas", lambda: q.quota_seed_rows(db, now)),
         ("for comparison: raw GROUP BY tenant over all rows", lambda: db.execute("SELECT tenant, COUNT(*), SUM(prompt_tokens) FROM requests GROUP BY tenant").fetchall()),
     ]  # fmt: skip
     out = []
@@ -157,10 +157,10 @@ async def main() -> None:
     db = connect(args.db)
     for name, ms, n in query_timings(db, now):
         print(f"{ms:9.1f} ms  {name}  ({n:,} rows)")
-    cutoff = now - 29 * 86400
+    cutoff = now - 25 * 86400
     t = time.perf_counter()
     deleted = q.prune(db, cutoff)
-    print(f"{(time.perf_counter() - t) * 1e3:9.1f} ms  usage prune --older-than 29d  ({deleted:,} rows deleted in batches)")
+    print(f"{(time.perf_counter() - t) * 1e3:9.1f} ms  usage prune --older-than 25d  ({deleted:,} rows deleted in batches)")
     print(f"\nload average {os.getloadavg()[0]:.1f} at the end; CPU time of this process {time.process_time():.1f} s")
 
 

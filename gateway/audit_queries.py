@@ -1,7 +1,7 @@
 """Read-side queries over the audit store, shared by `aibox usage` and the store itself.
 
 Summaries over a time range read whole UTC days from the smallest rollup that has the
-requested dimensions (`daily_totals`, else `daily_usage`) and only the
+requested dimensions (`daily_totals`, `daily_subjects`, else `daily_usage`) and only the
 partial first/last day from `requests` (through the ts index), so `--since 30d` costs about
 as much as `--since 24h` even at 10 million rows. Each result is a list of plain dicts with
 stable keys: the CLI renders them as a table, JSON or CSV.
@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlite_utils
 
-from gateway.audit_schema import COLUMNS, ROLLUPS, utc_day
+from gateway.audit_schema import COLUMNS, ROLLUP_PREFERENCE, ROLLUPS, utc_day
 
 DIMENSIONS = ("tenant", "subject", "model", "deployment", "day", "status")
 METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_tokens", "avg_total_ms", "avg_ttft_ms")
@@ -42,7 +42,7 @@ def _day_floor(ts: float) -> float:
 
 def rollup_for(by: list[str]) -> str:
     """The smallest rollup table that has every grouping dimension."""
-    for table in sorted(ROLLUPS, key=lambda t: len(ROLLUPS[t])):
+    for table in ROLLUP_PREFERENCE:
         if set(by) <= set(ROLLUPS[table]):
             return table
     raise ValueError(f"no rollup covers {by}")

@@ -123,7 +123,11 @@ def m001_requests(db: sqlite_utils.Database) -> None:
 ROLLUPS: dict[str, tuple[str, ...]] = {
     "daily_usage": ("day", "tenant", "subject", "model", "deployment", "status"),
     "daily_totals": ("day", "tenant", "model", "status"),  # small: per-subject detail left out
+    "daily_subjects": ("day", "tenant", "subject"),  # one row per subject-day: top users, quotas
 }
+# Queries use the first rollup in this order that has every dimension they group by
+# (smallest in practice first: tenants x models x statuses < subjects < everything).
+ROLLUP_PREFERENCE = ("daily_totals", "daily_subjects", "daily_usage")
 ROLLUP_METRICS = ("requests", "errors", "prompt_tokens", "completion_tokens", "total_ms", "ttft_ms", "num_ttft")
 _METRIC_TYPES = {"total_ms": float, "ttft_ms": float}
 
@@ -141,15 +145,25 @@ def m002_daily_usage(db: sqlite_utils.Database) -> None:
     _create_rollup(db, "daily_usage")
 
 
+def _backfill_rollup(db: sqlite_utils.Database, table: str) -> None:
+    _create_rollup(db, table)
+    keys = ", ".join(ROLLUPS[table])
+    sums = ", ".join(f"SUM({m})" for m in ROLLUP_METRICS)
+    db.execute(f"INSERT OR IGNORE INTO {table} SELECT {keys}, {sums} FROM daily_usage GROUP BY {keys}")
+    db.conn.commit()
+
+
 @migration
 def m003_daily_totals(db: sqlite_utils.Database) -> None:
     # `summary --by day,status` or `--by tenant` over a month read this table: at 1M rows it
     # is ~100x smaller than daily_usage (which keeps every subject x deployment).
-    _create_rollup(db, "daily_totals")
-    keys = ", ".join(ROLLUPS["daily_totals"])
-    sums = ", ".join(f"SUM({m})" for m in ROLLUP_METRICS)
-    db.execute(f"INSERT OR IGNORE INTO daily_totals SELECT {keys}, {sums} FROM daily_usage GROUP BY {keys}")
-    db.conn.commit()
+    _backfill_rollup(db, "daily_totals")
+
+
+@migration
+def m004_daily_subjects(db: sqlite_utils.Database) -> None:
+    # `top --by subject` and subject quota totals: one row per subject-day.
+    _backfill_rollup(db, "daily_subjects")
 
 
 def apply_migrations(db: sqlite_utils.Database) -> list[str]:

@@ -226,13 +226,16 @@ async def test_new_rollup_migration_backfills_an_existing_store(db_path: Path) -
     import sqlite_utils
 
     old = sqlite_utils.Database(db_path)
-    old["daily_totals"].drop()
-    old.execute("DELETE FROM _migrations WHERE name = 'm003_daily_totals'")
+    for table in ("daily_totals", "daily_subjects"):
+        old[table].drop()
+    old.execute("DELETE FROM _migrations WHERE name IN ('m003_daily_totals', 'm004_daily_subjects')")
     old.conn.commit()
     old.close()
     db = connect(db_path)
     got = {(r["tenant"], r["status"]): (r["requests"], r["prompt_tokens"]) for r in db["daily_totals"].rows}
     assert got == {("acme", 200): (2, 14), ("acme", 500): (1, 7), ("globex", 200): (1, 7)}
+    subjects = {(r["tenant"], r["subject"]): r["requests"] for r in db["daily_subjects"].rows}
+    assert subjects == {("acme", "s0"): 1, ("acme", "s1"): 1, ("acme", "s2"): 1, ("globex", "s3"): 1}
 
 
 async def test_checkpoints_run_off_the_commit_path(db_path: Path) -> None:

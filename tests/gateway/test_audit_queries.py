@@ -81,7 +81,9 @@ RANGES = [
 
 
 @pytest.mark.parametrize(("since", "until"), RANGES)
-@pytest.mark.parametrize("by", [[], ["tenant"], ["subject", "model"], ["day", "status"], ["deployment"]])
+@pytest.mark.parametrize(
+    "by", [[], ["tenant"], ["subject", "model"], ["day", "status"], ["deployment"], ["subject"], ["day", "tenant", "subject"]]
+)
 def test_summary_equals_brute_force(dataset, since, until, by) -> None:  # type: ignore[no-untyped-def]
     db, records = dataset
     got = {tuple(r[d] for d in by): r for r in q.summary(db, since, until, by)}
@@ -93,6 +95,15 @@ def test_summary_equals_brute_force(dataset, since, until, by) -> None:  # type:
         g = got[key]
         assert {k: g[k] for k in w} == pytest.approx(w, abs=0.11)
         assert g["total_tokens"] == w["prompt_tokens"] + w["completion_tokens"]
+
+
+@pytest.mark.parametrize(
+    ("by", "table"),
+    [([], "daily_totals"), (["tenant", "status"], "daily_totals"), (["subject"], "daily_subjects"),
+     (["day", "tenant", "subject"], "daily_subjects"), (["subject", "status"], "daily_usage"), (["deployment"], "daily_usage")],
+)  # fmt: skip
+def test_smallest_covering_rollup_is_used(by: list[str], table: str) -> None:
+    assert q.rollup_for(by) == table
 
 
 def test_top_orders_by_tokens(dataset) -> None:  # type: ignore[no-untyped-def]
