@@ -71,7 +71,7 @@ class LlamaCppBackend:
             self._chat_template, self._template_source = GEMMA_CHAT_TEMPLATE, "builtin-gemma"
             self._template_stops = GEMMA_TURN_STOPS
         self._model = model
-        engine = LlamaEngine(model, queue_size=config.queue_size)
+        engine = LlamaEngine(model, queue_size=config.queue_size, prefix_cache=config.prefix_cache)
         engine.start()
         self._engine = engine
 

@@ -52,11 +52,19 @@ class _Slot:
     def __init__(self, seq_id: int) -> None:
         self.seq_id = seq_id
         self.job: Job | None = None
+        # Tokens whose KV this sequence holds, position i = tokens[i]. Kept after the job ends
+        # when prefix caching is on, so a later prompt with the same start can reuse them.
+        self.tokens: list[int] = []
+        self.last_used = 0.0
+
+    @property
+    def num_cached(self) -> int:
+        return len(self.tokens)
 
     def assign(self, job: Job, sampler: int, now: float) -> None:
         self.job = job
         self.sampler = sampler
-        self.num_cached = 0  # positions of this sequence already in the KV cache
+        self.last_used = now
         self.next_token: int | None = None  # sampled, to be fed at the next step
         self.num_generated = 0
         self.decoder = Utf8Decoder()
@@ -68,9 +76,11 @@ class _Slot:
 class LlamaEngine:
     """Slots + waiting queue + the step loop. Start with `start()`, end with `stop()`."""
 
-    def __init__(self, model: LlamaModel, *, queue_size: int) -> None:
+    def __init__(self, model: LlamaModel, *, queue_size: int, prefix_cache: bool = False) -> None:
         self._model = model
         self._queue_size = queue_size
+        self._prefix_cache = prefix_cache
+        self.num_prefix_tokens_reused = 0  # prompt tokens taken from the cache instead of computed
         self._slots = [_Slot(i) for i in range(model.n_seq_max)]
         self._waiting: deque[Job] = deque()
         self._cond = threading.Condition()
@@ -115,12 +125,14 @@ class LlamaEngine:
             running = self._num_running()
             waiting = self._num_waiting()
             cached = sum(s.num_cached for s in self._slots if s.job is not None)
+            reused = self.num_prefix_tokens_reused
         return {
             "in_flight": float(running + waiting),
             "num_requests_running": float(running),
             "num_requests_waiting": float(waiting),
             "kv_cache_usage_perc": cached / self._model.n_ctx_total,
             "slots": float(len(self._slots)),
+            "prefix_cache_tokens_reused_total": float(reused),
         }
 
     def _num_running(self) -> int:
@@ -169,22 +181,47 @@ class LlamaEngine:
 
     def _admit(self) -> None:
         now = time.monotonic()
-        for slot in self._slots:
-            if not self._waiting:
-                return
-            if slot.job is None:
-                job = self._waiting.popleft()
-                slot.assign(job, self._model.new_sampler(job.sampling), now)
+        while self._waiting and any(s.job is None for s in self._slots):
+            job = self._waiting.popleft()
+            slot = self._place(job.prompt_tokens)
+            slot.assign(job, self._model.new_sampler(job.sampling), now)
+
+    def _place(self, prompt: list[int]) -> _Slot:
+        """Pick a free slot and seed its KV with the longest cached prefix of `prompt`."""
+        free = [s for s in self._slots if s.job is None]
+        source, num_shared = None, 0
+        if self._prefix_cache:
+            for slot in self._slots:  # running sequences and kept ones alike
+                n = _common_prefix_len(slot.tokens, prompt)
+                if n > num_shared:
+                    source, num_shared = slot, n
+            num_shared = min(num_shared, len(prompt) - 1)  # the last prompt token yields the logits
+        others = [s for s in free if s is not source]
+        if not others:  # the source is the only free slot: reuse it in place
+            target = free[0]
+            if num_shared <= 0 or not self._model.truncate_seq(target.seq_id, num_shared):
+                num_shared = 0
+        else:  # copy into an empty slot, else the least recently used one; the source stays
+            target = min(others, key=lambda s: (len(s.tokens) > 0, s.last_used))
+            self._model.free_seq(target.seq_id)
+            if source is not None and num_shared > 0:
+                self._model.copy_seq(source.seq_id, target.seq_id, num_shared)
+        if num_shared <= 0:
+            self._model.free_seq(target.seq_id)
+            num_shared = 0
+        target.tokens = prompt[:num_shared]
+        self.num_prefix_tokens_reused += num_shared
+        return target
 
     def _step(self) -> None:
         """One llama_decode: a decode token per generating slot, then prefill chunks."""
         entries: list[BatchEntry] = []
-        advance: list[tuple[_Slot, int]] = []  # positions each slot gains if decode succeeds
+        advance: list[tuple[_Slot, list[int]]] = []  # tokens each slot's KV gains if decode succeeds
         rows: list[tuple[_Slot, int]] = []  # (slot, batch row whose logits it samples from)
         for slot in self._slots:
             if slot.job is not None and slot.next_token is not None:
                 entries.append(BatchEntry(slot.next_token, slot.num_cached, slot.seq_id, True))
-                advance.append((slot, 1))
+                advance.append((slot, [slot.next_token]))
                 rows.append((slot, len(entries) - 1))
         budget = self._model.n_batch - len(entries)
         for slot in self._slots:  # admission order == slot order is good enough here
@@ -198,24 +235,35 @@ class LlamaEngine:
             take = min(budget, len(prompt) - start)
             for pos in range(start, start + take):
                 entries.append(BatchEntry(prompt[pos], pos, slot.seq_id, pos == len(prompt) - 1))
-            advance.append((slot, take))
+            advance.append((slot, prompt[start : start + take]))
             if start + take == len(prompt):
                 rows.append((slot, len(entries) - 1))
             budget -= take
         status = self._model.decode(entries)
+        if status == 1 and self._drop_kept_caches():  # no room in the KV cache: evict and retry
+            status = self._model.decode(entries)
         if status != 0:
             error = BackendError(f"llama_decode failed with status {status}")
             for slot, _ in advance:
                 if slot.job is not None:
                     slot.job.sink(error)
                     with self._cond:
-                        self._free(slot)
+                        self._free(slot, keep_kv=False)  # what the failed step left is unknown
             return
-        for slot, num in advance:
-            slot.num_cached += num
+        for slot, fed in advance:
+            slot.tokens.extend(fed)
         for slot, row in rows:
             if slot.job is not None and not slot.job.cancelled:
                 self._on_token(slot, self._model.sample(slot.sampler, row))
+
+    def _drop_kept_caches(self) -> bool:
+        """Free the KV kept by idle slots for prefix reuse; True if there was any."""
+        with self._cond:
+            kept = [s for s in self._slots if s.job is None and s.tokens]
+            for slot in kept:
+                self._model.free_seq(slot.seq_id)
+                slot.tokens = []
+        return bool(kept)
 
     def _on_token(self, slot: _Slot, token: int) -> None:
         job = slot.job
@@ -252,11 +300,21 @@ class LlamaEngine:
             self._free(slot)
         job.sink(final)
 
-    def _free(self, slot: _Slot) -> None:
-        """Release a slot's KV cells and sampler at once (caller holds `_cond`)."""
+    def _free(self, slot: _Slot, *, keep_kv: bool = True) -> None:
+        """Make a slot free at once (caller holds `_cond`). Its KV cells are dropped, or, with
+        prefix caching, kept as a cache that the next job placed here overwrites."""
         if slot.job is None:
             return
-        self._model.free_seq(slot.seq_id)
+        if not (keep_kv and self._prefix_cache):
+            self._model.free_seq(slot.seq_id)
+            slot.tokens = []
         self._model.free_sampler(slot.sampler)
         slot.job = None
-        slot.num_cached = 0
+
+
+def _common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

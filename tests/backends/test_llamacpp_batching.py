@@ -75,10 +75,40 @@ def logit_gap(model: LlamaModel, context: list[int], preferred: int, other: int)
     return gap
 
 
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def load_model() -> LlamaModel:
+    path = str(resolve_model_path("bundled:gemma3-270m"))
+    return LlamaModel(path, n_ctx_per_seq=256, n_seq_max=NUM_PROMPTS, n_batch=512, n_threads=1)
+
+
+def assert_same_or_near_tie(model: LlamaModel, prompts: list[list[int]], expected: list[list[int]], got: list[list[int]]) -> str:
+    """Each `got` equals `expected` or leaves it where `expected`'s choice was a near-tie."""
+    num_equal, agreed_tokens, gaps = 0, 0, []
+    for prompt, a, b in zip(prompts, expected, got, strict=True):
+        assert len(a) > 0 and len(b) > 0
+        first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if first_diff is None:  # equal (both end at max_tokens or at the same EOG)
+            assert a == b
+            num_equal += 1
+            agreed_tokens += len(a)
+            continue
+        agreed_tokens += first_diff
+        gap = logit_gap(model, prompt + a[:first_diff], a[first_diff], b[first_diff])
+        gaps.append(gap)
+        assert abs(gap) < NEAR_TIE_LOGITS, f"output left the reference at a clear choice (gap {gap:.3f})"
+    total = sum(len(a) for a in expected)
+    return (
+        f"{num_equal}/{len(prompts)} identical, {agreed_tokens}/{total} tokens before first divergence, "
+        f"divergence gaps {[round(g, 3) for g in gaps]}"
+    )
+
+
 @pytest.mark.slow
 def test_batched_greedy_equals_solo_or_departs_only_at_a_near_tie() -> None:
-    path = str(resolve_model_path("bundled:gemma3-270m"))
-    model = LlamaModel(path, n_ctx_per_seq=256, n_seq_max=NUM_PROMPTS, n_batch=512, n_threads=1)
+    model = load_model()
     engine = LlamaEngine(model, queue_size=NUM_PROMPTS)
     engine.start()
     try:
@@ -88,23 +118,38 @@ def test_batched_greedy_equals_solo_or_departs_only_at_a_near_tie() -> None:
     finally:
         engine.stop()
     try:
-        num_equal, agreed_tokens, gaps = 0, 0, []
-        for prompt, a, b in zip(prompts, solo, batched, strict=True):
-            assert len(a) > 0 and len(b) > 0
-            first_diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-            if first_diff is None:  # equal (both end at max_tokens or at the same EOG)
-                assert a == b
-                num_equal += 1
-                agreed_tokens += len(a)
-                continue
-            agreed_tokens += first_diff
-            gap = logit_gap(model, prompt + a[:first_diff], a[first_diff], b[first_diff])
-            gaps.append(gap)
-            assert abs(gap) < NEAR_TIE_LOGITS, f"batched output left the solo one at a clear choice (gap {gap:.3f})"
-        total = sum(len(a) for a in solo)
-        print(
-            f"\nbatched vs solo: {num_equal}/{NUM_PROMPTS} identical, {agreed_tokens}/{total} tokens before "
-            f"first divergence, divergence gaps {[round(g, 3) for g in gaps]}"
+        print("\nbatched vs solo:", assert_same_or_near_tie(model, prompts, solo, batched))
+    finally:
+        model.close()
+
+
+@pytest.mark.slow
+def test_prefix_cache_reuses_a_shared_prompt_start_without_changing_the_answer() -> None:
+    model = load_model()
+    engine = LlamaEngine(model, queue_size=NUM_PROMPTS, prefix_cache=True)
+    engine.start()
+    shared = "You are a careful assistant who answers in full sentences. " * 6
+    try:
+        prompts = [model.tokenize(shared + p, add_special=True) for p in PROMPTS[:3]]
+        first = run_jobs(engine, [prompts[0]])[0]  # computes everything
+        assert engine.stats()["prefix_cache_tokens_reused_total"] == 0
+        later = [run_jobs(engine, [p])[0] for p in prompts[1:]] + run_jobs(engine, [prompts[0]])
+        # each prompt reuses its longest common start with an earlier one (a repeat: all but
+        # its last token, which must be computed to get logits)
+        expected = sum(
+            min(len(p) - 1, max(common_prefix_len(p, q) for q in prompts[:i]))
+            for i, p in enumerate(prompts[1:] + prompts[:1], start=1)
         )
+        assert engine.stats()["prefix_cache_tokens_reused_total"] == expected > 3 * 60
+    finally:
+        engine.stop()
+    try:
+        fresh = LlamaEngine(model, queue_size=NUM_PROMPTS)  # the same prompts, computed from scratch
+        fresh.start()
+        try:
+            reference = [run_jobs(fresh, [p])[0] for p in prompts[1:]]
+        finally:
+            fresh.stop()
+        print("\nprefix-cached vs fresh:", assert_same_or_near_tie(model, prompts[1:] + prompts[:1], reference + [first], later))
     finally:
         model.close()
