@@ -31,6 +31,11 @@ from backends.llamacpp_text import StopMatcher, Utf8Decoder
 
 Sink = Callable[[Chunk | BaseException], None]
 
+# Shorter shared starts are recomputed: the saving is small, and a prefill split differently
+# rounds differently (llama.cpp is not batch-invariant), which would make short seeded
+# requests depend on what happened to be cached.
+MIN_PREFIX_REUSE = 32
+
 
 @dataclass(eq=False, kw_only=True)
 class Job:
@@ -196,6 +201,8 @@ class LlamaEngine:
                 if n > num_shared:
                     source, num_shared = slot, n
             num_shared = min(num_shared, len(prompt) - 1)  # the last prompt token yields the logits
+            if num_shared < MIN_PREFIX_REUSE:
+                source, num_shared = None, 0
         others = [s for s in free if s is not source]
         if not others:  # the source is the only free slot: reuse it in place
             target = free[0]
