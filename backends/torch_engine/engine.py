@@ -163,7 +163,7 @@ class Engine:
         return {
             "num_requests_running": float(self.scheduler.num_running),
             "num_requests_waiting": float(self.scheduler.num_waiting + len(self._inbox)),
-            "kv_cache_usage_perc": self.kv_cache.usage * 100.0,
+            "kv_cache_usage_perc": self.kv_cache.usage,  # fraction 0..1, as vLLM and llamacpp.py report it
             "num_preemptions_total": float(self.scheduler.num_preemptions_total),
         }
 
