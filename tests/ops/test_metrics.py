@@ -4,11 +4,13 @@ the one-line-per-request access log."""
 from __future__ import annotations
 
 import logging
-import re
 import os
+import re
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,3 +148,46 @@ def test_grafana_dashboard_queries_only_exported_series(server: LiveServer) -> N
     queried = set(re.findall(r"\b(aibox[:_][a-z0-9_:]+?)(?:_bucket|_total|_count|_sum)?\b(?=[{\[)\s,])", dashboard))
     assert queried, "no queries found"
     assert queried <= exported, sorted(queried - exported)
+
+
+@pytest.mark.slow
+def test_two_uvicorn_workers_share_one_metrics_view(tmp_path: Path) -> None:
+    """uvicorn --workers 2 with PROMETHEUS_MULTIPROC_DIR: whichever worker answers /metrics
+    counts the requests both workers served."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        "[auth]\nenabled = false\n[ratelimit]\nenabled = false\n[audit]\nenabled = false\n"
+        '[backends.f]\ntype = "fake"\n[[models]]\nname = "m"\ndeployments = [{backend = "f"}]\n'
+    )
+    metrics_dir = tmp_path / "prom"
+    metrics_dir.mkdir()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "AIBOX_CONFIG": str(config), "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    cmd = [sys.executable, "-m", "uvicorn", "--factory", "gateway.asgi:create_from_env", "--workers", "2", "--port", str(port), "--log-level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        pids: set[int] = set()
+        while len(pids) < 2:  # both workers up and serving (new connections spread over them)
+            assert time.monotonic() < deadline and proc.poll() is None, "workers did not start"
+            try:
+                with httpx.Client(base_url=url) as client:
+                    r = client.post("/v1/chat/completions", json=chat(max_tokens=1))
+                    assert r.status_code == 200
+            except httpx.TransportError:
+                time.sleep(0.1)
+                continue
+            pids = {int(p.stem.split("_")[-1]) for p in metrics_dir.glob("counter_*.db")}
+        num_sent = 0
+        for _ in range(20):
+            with httpx.Client(base_url=url) as client:  # a new connection each time
+                num_sent += client.post("/v1/chat/completions", json=chat(max_tokens=1)).status_code == 200
+        seen_by = {value(httpx.get(url + "/metrics").text, "aibox_requests_total", endpoint="chat.completions", model="m", status="200") for _ in range(6)}
+        total = next(iter(seen_by))
+        assert len(seen_by) == 1 and total >= num_sent + 2, seen_by  # the same sum whichever worker answers
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
