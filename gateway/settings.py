@@ -154,6 +154,7 @@ class TorchBackendConfig(_Backend, tag="torch"):
     block_size: PositiveInt = 16
     chat_template: str | None = None
     store_dir: str = ".aibox/models"  # converted-weights cache, keyed by file hash
+    num_threads: PositiveInt | None = None  # torch intra-op threads on CPU (process-wide); None: torch's default
 
 
 class OpenAIBackendConfig(_Backend, tag="openai", kw_only=True):

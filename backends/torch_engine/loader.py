@@ -75,6 +75,9 @@ def engine_for_model(
 ) -> LoadedEngine:
     """Engine over an already loaded transformers Gemma3ForCausalLM (tests build tiny ones)."""
     device = resolve_device(config.device)
+    if config.num_threads is not None:
+        # Process-wide: on a shared CPU fewer threads avoid OpenMP barrier stalls between ops.
+        torch.set_num_threads(config.num_threads)
     model = Gemma3Model(hf_model, device, getattr(torch, config.dtype))
     model_max = int(hf_model.config.max_position_embeddings)
     max_model_len = config.max_model_len or model_max
