@@ -161,6 +161,8 @@ class TorchBackend:
                 f"{request.max_tokens or 0} for the completion)."
             )
         max_tokens = request.max_tokens if request.max_tokens is not None else budget
+        if max_tokens < 1:
+            raise BackendRequestError("max_tokens must be at least 1", param="max_tokens")
         sampling = request.sampling
         if self._template_stops and request.messages is not None:
             sampling = _with_stops(sampling, self._template_stops)
