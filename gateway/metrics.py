@@ -35,7 +35,7 @@ _BACKEND = ("backend",)
 LIVE_SERIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "aibox:num_requests_running": ("Requests being decoded by the engine.", "gauge", "sum", _ENGINE),
     "aibox:num_requests_waiting": ("Requests queued in the engine.", "gauge", "sum", _ENGINE),
-    "aibox:kv_cache_usage_perc": ("KV-cache usage as the backend reports it.", "gauge", "max", _ENGINE),
+    "aibox:kv_cache_usage_perc": ("KV-cache usage, 0..1 (1 = full), as vLLM reports it.", "gauge", "max", _ENGINE),
     "aibox:num_preemptions": ("Sequences preempted by the engine.", "counter", "sum", _ENGINE),
     "aibox_backend_in_flight": ("Requests the backend is serving now.", "gauge", "sum", _BACKEND),
     "aibox_backend_ready": ("1 when the backend is loaded and serving.", "gauge", "min", _BACKEND),
