@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from gateway.audit_checkpoint import Checkpointer
+from gateway.audit_checkpoint import WRITER_CHECKPOINT_PAGES, Checkpointer
 from gateway.audit_queries import quota_seed_rows
 from gateway.audit_quota import QuotaExhausted, QuotaTracker
 from gateway.audit_schema import AuditRecord, connect
@@ -77,7 +77,9 @@ class AuditStore:
         )
         if self.quotas.kinds:  # no quotas configured: no totals to keep, nothing to read
             self.quotas.seed(await asyncio.to_thread(quota_seed_rows, db, self._clock(), self.quotas.kinds))
-        db.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run on their own thread
+        # Checkpoints run on their own thread; the writer checkpoints only as a backstop when a
+        # sustained burst keeps the WAL from ever being fully copied (see audit_checkpoint.py).
+        db.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
         self._checkpointer = Checkpointer(self.path, busy_timeout_ms=self._busy_timeout_ms)
         self._checkpointer.start()
         self._writer = AuditWriter(

@@ -243,7 +243,7 @@ async def test_checkpoints_run_off_the_commit_path(db_path: Path) -> None:
 
     store = await started(db_path)
     await asyncio.gather(*(store.record(make_row(i)) for i in range(50)))
-    assert store._writer.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 0  # no fsync inside a commit
+    assert store._writer.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000  # a rare backstop only
     checkpointer = Checkpointer(db_path)
     conn = sqlite3.connect(db_path)
     checkpointer.checkpoint(conn)  # what the background thread does every second
