@@ -92,7 +92,7 @@ class LlamaCppBackend:
             type="llamacpp",
             model_id=self._model_id,
             context_length=model.n_ctx_per_seq if model else self._config.n_ctx,
-            ready=self._engine is not None,
+            ready=self._engine is not None and self._engine.is_alive,
             detail={
                 "parallel": self._config.parallel,
                 "n_batch": self._config.n_batch,

@@ -97,6 +97,11 @@ class LlamaEngine:
     def start(self) -> None:
         self._thread.start()
 
+    @property
+    def is_alive(self) -> bool:
+        """False once the engine thread has stopped (closed, or failed on a llama.cpp fault)."""
+        return self._thread.is_alive() and not self._stopping
+
     def stop(self) -> None:
         """Fail everything in flight and join the thread (blocking: call it off the loop)."""
         with self._cond:

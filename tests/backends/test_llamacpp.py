@@ -11,6 +11,7 @@ import pytest
 from backends.base import (
     Backend,
     BackendOverloaded,
+    BackendUnavailable,
     Chunk,
     ContextLengthExceeded,
     GenerationRequest,
@@ -153,3 +154,16 @@ async def test_disconnect_frees_the_slot_for_the_next_request_at_once() -> None:
         assert (stats["in_flight"], stats["kv_cache_usage_perc"]) == (0, 0)
     finally:
         await backend.close()
+
+
+async def test_close_fails_in_flight_requests_and_reports_not_ready() -> None:
+    backend = await asyncio.to_thread(make_backend, parallel=1, queue_size=1)
+    stream = backend.generate(request("Once upon a time", max_tokens=200))
+    await anext(stream)
+    await backend.close()
+    with pytest.raises(BackendUnavailable):
+        async for _ in stream:
+            pass
+    assert backend.info().ready is False
+    with pytest.raises(BackendUnavailable, match="not started"):
+        await anext(backend.generate(request()))
