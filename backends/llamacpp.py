@@ -153,7 +153,12 @@ class LlamaCppBackend:
             engine.cancel(job)  # no-op once finished; otherwise frees the slot at the next step
 
     def _tokenize_prompt(self, model: LlamaModel, request: GenerationRequest) -> tuple[list[int], str]:
-        """Prompt tokens (BOS added as llama.cpp does) and the echo prefix, if asked for."""
+        """Prompt tokens and the echo prefix, if asked for.
+
+        Special-token text (`<start_of_turn>`) is parsed, as llama.cpp does. BOS is prepended when
+        the model wants one unless the text already starts with it (chat templates usually write
+        it), so there is never a doubled BOS.
+        """
         if request.messages is not None:
             if not request.messages:
                 raise BackendRequestError("messages must not be empty", param="messages")
@@ -163,13 +168,16 @@ class LlamaCppBackend:
                 bos_token=model.token_text(model.bos_token),
                 eos_token=model.token_text(model.eos_token),
             )
-            # The template writes BOS itself when the model wants one.
-            tokens = model.tokenize(text, add_special=False, parse_special=True)
-            return tokens or [model.bos_token], ""
-        if request.prompt is None:
+            echo_text = ""
+        elif request.prompt is not None:
+            text = request.prompt
+            echo_text = request.prompt if request.echo else ""
+        else:
             raise BackendRequestError("either prompt or messages is required", param="prompt")
-        tokens = model.tokenize(request.prompt, add_special=True, parse_special=True)
-        return tokens or [model.bos_token], (request.prompt if request.echo else "")
+        tokens = model.tokenize(text, add_special=False, parse_special=True)
+        if (model.wants_bos or not tokens) and tokens[:1] != [model.bos_token]:
+            tokens.insert(0, model.bos_token)
+        return tokens, echo_text
 
 
 def _model_id_from_ref(ref: str) -> str:

@@ -119,6 +119,10 @@ class LlamaModel:
     def eos_token(self) -> int:
         return lc.llama_vocab_eos(self._vocab)
 
+    @property
+    def wants_bos(self) -> bool:
+        return bool(lc.llama_vocab_get_add_bos(self._vocab))
+
     def is_eog(self, token: int) -> bool:
         return bool(lc.llama_vocab_is_eog(self._vocab, token))
 
