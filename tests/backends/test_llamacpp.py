@@ -167,3 +167,10 @@ async def test_close_fails_in_flight_requests_and_reports_not_ready() -> None:
     assert backend.info().ready is False
     with pytest.raises(BackendUnavailable, match="not started"):
         await anext(backend.generate(request()))
+
+
+async def test_multibyte_output_arrives_whole(backend: LlamaCppBackend) -> None:
+    chunks = await collect(backend.generate(request("日本の首都は東京です。中国の首都は", max_tokens=12)))
+    text = "".join(c.text for c in chunks)
+    assert text and "\ufffd" not in text
+    assert any(ord(ch) > 0x3000 for ch in text)  # CJK came through
