@@ -80,6 +80,7 @@ class AuditStore:
         # Checkpoints run on their own thread; the writer checkpoints only as a backstop when a
         # sustained burst keeps the WAL from ever being fully copied (see audit_checkpoint.py).
         db.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
+        db.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL file back after a burst
         self._checkpointer = Checkpointer(self.path, busy_timeout_ms=self._busy_timeout_ms)
         self._checkpointer.start()
         self._writer = AuditWriter(
