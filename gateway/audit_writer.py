@@ -1,7 +1,7 @@
 """The audit store's single writer thread: group commit, retry while failing, retention.
 
 Requests hand rows to `submit()`; the thread takes everything queued, writes it and its
-daily rollup in one transaction, commits, then wakes each waiting request on its event loop.
+daily rollups in one transaction, commits, then wakes each waiting request on its event loop.
 Under load this is many rows per commit; idle, it is one row with ~0.1 ms of latency.
 
 When a commit fails with an operational error (disk full, database locked by another
@@ -70,6 +70,7 @@ class AuditWriter(threading.Thread):
         self._num_in_flight = 0
         self._stopping = False
         self._next_retention = 0.0  # run retention soon after start
+        self._stop_deadline: float | None = None  # while failing at shutdown, retry until then
         # stats (written by the writer thread, read by anyone: ints and floats are atomic enough)
         self.num_rows_written = 0
         self.num_batches = 0
@@ -162,26 +163,32 @@ class AuditWriter(threading.Thread):
         return True
 
     def _write_one_by_one(self, batch: list[Item]) -> bool:
+        """Isolate rows that cannot be stored: each row (and its rollup increments) goes in
+        under its own savepoint, inside one transaction for the batch."""
+        conn = self.db.conn
         good: list[Item] = []
-        for item in batch:
-            try:
-                self._insert([item])
-                good.append(item)
-            except sqlite3.OperationalError as exc:
-                self._rollback()
-                self._failed(exc, len(batch))
-                return False
-            except (sqlite3.Error, TypeError, ValueError, OverflowError) as exc:
-                self.num_rejected += 1
-                log.error("audit row rejected and dropped (request_id=%r): %s", getattr(item[0], "request_id", None), exc)
+        bad: list[Item] = []
         try:
-            self.db.conn.commit()
-        except sqlite3.OperationalError as exc:
+            conn.execute("BEGIN")
+            for item in batch:
+                conn.execute("SAVEPOINT audit_row")
+                try:
+                    self._insert([item])
+                    good.append(item)
+                except (sqlite3.IntegrityError, sqlite3.InterfaceError, sqlite3.ProgrammingError, TypeError, ValueError,
+                        OverflowError) as exc:  # fmt: skip
+                    conn.execute("ROLLBACK TO audit_row")
+                    bad.append(item)
+                    self.num_rejected += 1
+                    log.error("audit row rejected and dropped (request_id=%r): %s", getattr(item[0], "request_id", None), exc)
+                conn.execute("RELEASE audit_row")
+            conn.commit()
+        except sqlite3.Error as exc:  # locked, full, I/O: retry the whole batch later
             self._rollback()
             self._failed(exc, len(batch))
             return False
         self._committed(good)
-        self._notify([i for i in batch if i not in good], ok=False)
+        self._notify(bad, ok=False)
         return True
 
     def _insert(self, batch: list[Item]) -> None:
@@ -268,8 +275,6 @@ class AuditWriter(threading.Thread):
             pass  # SQLite may already have rolled back (SQLITE_FULL does)
 
     # ------------------------------------------------------------------ shutdown and retention
-    _stop_deadline: float | None = None
-
     def set_stop_deadline(self, deadline: float) -> None:
         """While failing at shutdown, give up retrying at this monotonic time."""
         self._stop_deadline = deadline

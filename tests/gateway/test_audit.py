@@ -171,6 +171,8 @@ async def test_unencodable_row_is_isolated(db_path: Path) -> None:
     await store.close()
     assert results[-1] is False and stats["rows_rejected"] == 1
     assert sorted(r["request_id"] for r in rows(db_path)) == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+    for table in ("daily_usage", "daily_totals", "daily_subjects"):  # rollups agree with the rows
+        assert rows(db_path, f"SELECT SUM(requests) AS n FROM {table}")[0]["n"] == 3
 
 
 async def test_automatic_retention_prunes_whole_old_days(db_path: Path) -> None:
