@@ -37,6 +37,10 @@ _REQUEST_TABLE = ("time", "request_id", "subject", "tenant", "model", "deploymen
                   "error_code", "finish_reason", "prompt_tokens", "completion_tokens", "ttft_ms", "total_ms")  # fmt: skip
 
 
+_QUOTA_KEYS = ("kind", "key", "day_limit", "day_used", "day_remaining", "day_resets_at",
+               "month_limit", "month_used", "month_remaining", "month_resets_at")  # fmt: skip
+
+
 def parse_duration(text: str) -> float:
     """'90d', '24h', '30m', '45s', '2w' -> seconds."""
     t = text.strip().lower()
@@ -101,14 +105,24 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-def render(rows: list[dict[str, Any]], fmt: str, columns: Iterable[str] | None = None, *, title: str | None = None) -> None:
-    """Write rows as a table, a JSON list of objects, or CSV with a header."""
-    keys = list(columns or (rows[0].keys() if rows else []))
+def render(
+    rows: list[dict[str, Any]],
+    fmt: str,
+    columns: Iterable[str],
+    *,
+    table_columns: Iterable[str] | None = None,
+    title: str | None = None,
+) -> None:
+    """Write rows as a table, a JSON list of objects, or CSV with a header (even when empty).
+
+    `columns` are every key of a row (the CSV header); a table may show fewer.
+    """
+    keys = list(columns)
     if fmt == "json":
         json.dump(rows, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif fmt == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=list(rows[0].keys()) if rows else keys, lineterminator="\n")
+        writer = csv.DictWriter(sys.stdout, fieldnames=keys, lineterminator="\n")
         writer.writeheader()
         writer.writerows(rows)
     else:
@@ -122,6 +136,7 @@ def render(rows: list[dict[str, Any]], fmt: str, columns: Iterable[str] | None =
             console.print("no matching requests")
             return
         table = Table(box=box.SIMPLE_HEAD, title=title, title_justify="left")
+        keys = list(table_columns or keys)
         for key in keys:
             numeric = isinstance(rows[0].get(key), (int, float)) and not isinstance(rows[0].get(key), bool)
             table.add_column(key, justify="right" if numeric else "left", no_wrap=True)
@@ -155,7 +170,7 @@ def cmd_summary(args: argparse.Namespace) -> int:
     since, until = _time_range(args, "24h")
     by = [b.strip() for b in args.by.split(",") if b.strip()] if args.by else []
     rows = queries.summary(_open(_audit_settings(args)), since, until, by)
-    render(rows, args.format, title=_range_title(since, until))
+    render(rows, args.format, [*by, *queries.METRICS], title=_range_title(since, until))
     return 0
 
 
@@ -166,14 +181,14 @@ def cmd_requests(args: argparse.Namespace) -> int:
     if args.status:
         queries.status_filter(args.status)  # validate before opening anything
     rows = queries.requests(_open(_audit_settings(args)), filters, args.limit)
-    render(rows, args.format, _REQUEST_TABLE if args.format == "table" else None)
+    render(rows, args.format, queries.REQUEST_KEYS, table_columns=_REQUEST_TABLE)
     return 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
     since, until = _time_range(args, "24h")
     rows = queries.top(_open(_audit_settings(args)), args.by, since, until, args.limit)
-    render(rows, args.format, title=_range_title(since, until))
+    render(rows, args.format, [args.by, *queries.METRICS], title=_range_title(since, until))
     return 0
 
 
@@ -211,7 +226,7 @@ def cmd_quota(args: argparse.Namespace) -> int:
     if not rows and args.format == "table":
         print("no quotas configured ([audit.tenant_quotas.NAME] / [audit.subject_quotas.NAME])")
         return 0
-    render(rows, args.format, title="token quotas (UTC days and months; '-' = unlimited)")
+    render(rows, args.format, _QUOTA_KEYS, title="token quotas (UTC days and months; '-' = unlimited)")
     return 0
 
 
@@ -223,7 +238,8 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.vacuum:
         db.execute("VACUUM")
     elapsed = time.perf_counter() - started
-    render([{"deleted_rows": num, "before": iso(cutoff // 86400 * 86400), "seconds": round(elapsed, 2)}], args.format)
+    row = {"deleted_rows": num, "before": iso(cutoff // 86400 * 86400), "seconds": round(elapsed, 2)}
+    render([row], args.format, list(row))
     return 0
 
 

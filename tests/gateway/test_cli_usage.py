@@ -168,3 +168,18 @@ def test_missing_database_and_config(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert rc == 2 and "no audit database at" in err
     rc, _, err = run(capsys, "summary", "--config", str(tmp_path / "none.toml"))
     assert rc == 2 and "cannot read config file" in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "header"),
+    [
+        (["requests", "--subject", "nobody"], "time,request_id,ts,subject"),
+        (["summary", "--from", "2001-01-01", "--to", "2001-01-02", "--by", "tenant"], "tenant,requests,errors"),
+        (["top", "--by", "model", "--from", "2001-01-01", "--to", "2001-01-02"], "model,requests,errors"),
+    ],
+)
+def test_empty_results_keep_a_csv_header(config: Path, capsys: pytest.CaptureFixture[str], argv: list[str], header: str) -> None:
+    rc, out, _ = run(capsys, *argv, "--config", str(config), "--format", "csv")
+    assert rc == 0 and out.splitlines() == [out.splitlines()[0]] and out.startswith(header)
+    rc, out, _ = run(capsys, *argv, "--config", str(config), "--format", "json")
+    assert json.loads(out) == []
