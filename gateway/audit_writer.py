@@ -122,6 +122,13 @@ class AuditWriter(threading.Thread):
 
     # ------------------------------------------------------------------ the thread
     def run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # a bug: say so where operators look; health() turns not ok
+            log.critical("audit writer thread crashed; %d rows not written", self.queue_depth, exc_info=True)
+            raise
+
+    def _loop(self) -> None:
         backoff = 0.0
         while True:
             with self._cond:
