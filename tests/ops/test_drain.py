@@ -125,7 +125,7 @@ def test_sigterm_lets_streams_finish_and_exits_0(spawn: Any) -> None:
     while (ready := httpx.get(server.url + "/ready")).status_code == 200:  # the signal is handled on the loop
         assert time.monotonic() < deadline
         time.sleep(0.005)
-    assert time.monotonic() - t_signal < 0.5
+    assert time.monotonic() - t_signal < 1.0  # handled on the loop at once (generous for a loaded box)
     assert ready.status_code == 503 and ready.json()["draining"] is True
     refused = httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=1))
     assert refused.status_code == 503 and is_openai_error(refused.json())
