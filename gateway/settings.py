@@ -155,6 +155,7 @@ class TorchBackendConfig(_Backend, tag="torch"):
     chat_template: str | None = None
     store_dir: str = ".aibox/models"  # converted-weights cache, keyed by file hash
     num_threads: PositiveInt | None = None  # torch intra-op threads on CPU (process-wide); None: torch's default
+    num_speculative_tokens: NonNegInt = 0  # prompt-lookup drafts per greedy decode step; 0: off
 
 
 class OpenAIBackendConfig(_Backend, tag="openai", kw_only=True):

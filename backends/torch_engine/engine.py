@@ -18,6 +18,7 @@ from typing import Protocol
 from backends.base import FinishReason, SamplingParams
 from backends.torch_engine.detokenizer import IncrementalDetokenizer
 from backends.torch_engine.kv_cache import KVCacheManager
+from backends.torch_engine.proposer import propose_ngram
 from backends.torch_engine.scheduler import ScheduledSequence, Scheduler
 from backends.torch_engine.sequence import Sequence
 
@@ -60,7 +61,7 @@ class RequestMetrics:
 
 
 class Runner(Protocol):
-    def execute(self, scheduled: Seq[ScheduledSequence]) -> list[tuple[Sequence, int]]: ...
+    def execute(self, scheduled: Seq[ScheduledSequence]) -> list[tuple[Sequence, list[int]]]: ...
     def release(self, seq_id: int) -> None: ...
 
 
@@ -84,6 +85,7 @@ class Engine:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         queue_size: int,
+        num_speculative_tokens: int = 0,
         clock: Callable[[], float] = time.monotonic,
         on_request_finished: Callable[[RequestMetrics], None] | None = None,
     ) -> None:
@@ -93,6 +95,7 @@ class Engine:
             self.kv_cache, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens
         )
         self.queue_size = queue_size
+        self.num_speculative_tokens = num_speculative_tokens
         self._decode = decode
         self._clock = clock
         self.on_request_finished = on_request_finished
@@ -184,6 +187,8 @@ class Engine:
     def step(self) -> bool:
         """One scheduling + forward + postprocess round. Returns whether work was done."""
         self._drain_inbox()
+        if self.num_speculative_tokens:
+            self._propose_drafts()
         out = self.scheduler.schedule()
         self._num_waiting_seen = self.scheduler.num_waiting
         if not out.scheduled:
@@ -194,11 +199,21 @@ class Engine:
                 item.seq.times.first_scheduled = now
         sampled = self.runner.execute(out.scheduled)
         for item in out.scheduled:
-            item.seq.num_computed_tokens += item.num_new_tokens
+            item.seq.num_computed_tokens += item.num_new_tokens - item.num_draft_tokens
         now = self._clock()
-        for seq, token_id in sampled:
-            self._postprocess(seq, token_id, now)
+        for seq, token_ids in sampled:
+            seq.num_computed_tokens += len(token_ids) - 1  # accepted drafts: their k/v are valid
+            seq.draft_token_ids = []
+            self._postprocess(seq, token_ids, now)
         return True
+
+    def _propose_drafts(self) -> None:
+        """Prompt-lookup drafts for greedy decodes (penalties would make verification inexact)."""
+        for seq in self.scheduler.running:
+            p = seq.sampling
+            if seq.num_uncomputed_tokens == 1 and p.temperature <= 0 and not (p.presence_penalty or p.frequency_penalty):
+                room = seq.max_tokens - seq.num_output_tokens - 1  # the model's own token comes on top
+                seq.draft_token_ids = propose_ngram(seq.token_ids, min(self.num_speculative_tokens, room))
 
     def _drain_inbox(self) -> None:
         with self._lock:
@@ -214,20 +229,27 @@ class Engine:
                 # Wakes a caller still waiting (shutdown); a disconnected one never reads it.
                 req.on_output(RequestOutput(seq_id, "", [], error=ABORTED))
 
-    def _postprocess(self, seq: Sequence, token_id: int, now: float) -> None:
+    def _postprocess(self, seq: Sequence, token_ids: list[int], now: float) -> None:
         req = self._requests[seq.seq_id]
         if seq.times.first_token is None:
             seq.times.first_token = now
-        seq.append_token(token_id)
-        text = "" if token_id in seq.stop_token_ids else req.detok.add_token(token_id)
-        if req.detok.stopped:
-            seq.finish_reason = "stop"
-        elif seq.finish_reason is not None:
+        text = ""
+        emitted: list[int] = []
+        for token_id in token_ids:  # several when speculative drafts were accepted
+            seq.append_token(token_id)
+            emitted.append(token_id)
+            if token_id not in seq.stop_token_ids:
+                text += req.detok.add_token(token_id)
+            if req.detok.stopped:
+                seq.finish_reason = "stop"
+            if seq.finish_reason is not None:
+                break
+        if seq.finish_reason is not None and not req.detok.stopped:
             text += req.detok.flush()
         output = RequestOutput(
             seq.seq_id,
             text,
-            [token_id],
+            emitted,
             finish_reason=seq.finish_reason,
             num_prompt_tokens=seq.num_prompt_tokens,
             num_output_tokens=seq.num_output_tokens,

@@ -102,6 +102,7 @@ def engine_for_model(
         max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=config.max_num_batched_tokens,
         queue_size=config.queue_size,
+        num_speculative_tokens=config.num_speculative_tokens,
         on_request_finished=on_request_finished,
     )
     return LoadedEngine(engine, tokenizer, max_model_len, model_id, stop_token_ids(hf_model, tokenizer))

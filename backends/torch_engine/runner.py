@@ -26,6 +26,7 @@ from backends.torch_engine.sequence import Sequence
 
 # (packed offset, first position, number of new tokens, block table) of one scheduled row
 _Row = tuple[int, int, int, list[int]]
+_SHORT_ROW = 16  # rows up to this many tokens share one padded attention call
 
 
 class ModelRunner:
@@ -50,43 +51,68 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
 
     @torch.inference_mode()
-    def execute(self, scheduled: Seq[ScheduledSequence]) -> list[tuple[Sequence, int]]:
-        """Forward the step's tokens; return (sequence, sampled token) for rows that sample."""
-        batch, sampling_seqs = self._prepare(scheduled)
-        if not sampling_seqs:  # only partial prefill chunks this step: fill the cache, no logits
-            batch.logits_index = batch.logits_index[:0]
-        logits = self.model.forward(batch, self.kv_cache)  # [N, V]
-        if not sampling_seqs:
+    def execute(self, scheduled: Seq[ScheduledSequence]) -> list[tuple[Sequence, list[int]]]:
+        """Forward the step's tokens; return (sequence, new tokens) for rows that sample.
+
+        A row without drafts gets one sampled token. A row with d drafts (greedy only) gets the
+        drafts the model agrees with, in order, plus the model's own next token (1..d+1 tokens).
+        """
+        batch, sampling_rows = self._prepare(scheduled)
+        logits = self.model.forward(batch, self.kv_cache)  # [N, V]; N = sum of (drafts + 1)
+        if not sampling_rows:
             return []
-        tokens = sample(logits, self._sampling_batch(sampling_seqs))
-        return list(zip(sampling_seqs, tokens, strict=True))
+        plain: list[tuple[int, Sequence]] = []  # (logits row, seq)
+        row = 0
+        for seq, num_draft in sampling_rows:
+            if num_draft == 0:
+                plain.append((row, seq))
+            row += num_draft + 1
+        new_tokens: dict[int, list[int]] = {}
+        if plain:
+            rows = [r for r, _ in plain]
+            plain_logits = logits if len(rows) == logits.shape[0] else logits[rows]  # [P, V]
+            sampled = sample(plain_logits, self._sampling_batch([s for _, s in plain]))
+            new_tokens.update((s.seq_id, [t]) for (_, s), t in zip(plain, sampled, strict=True))
+        if len(plain) < len(sampling_rows):
+            predicted = logits.argmax(dim=-1).tolist()  # [N] greedy choice after each position
+            row = 0
+            for seq, num_draft in sampling_rows:
+                if num_draft:
+                    preds, drafts = predicted[row : row + num_draft + 1], seq.draft_token_ids
+                    accepted = 0
+                    while accepted < num_draft and drafts[accepted] == preds[accepted]:
+                        accepted += 1
+                    new_tokens[seq.seq_id] = [*drafts[:accepted], preds[accepted]]
+                row += num_draft + 1
+        return [(seq, new_tokens[seq.seq_id]) for seq, _ in sampling_rows]
 
     def release(self, seq_id: int) -> None:
         """Forget a finished request's generator."""
         self._generators.pop(seq_id, None)
 
     # ------------------------------------------------------------------ batch layout
-    def _prepare(self, scheduled: Seq[ScheduledSequence]) -> tuple[ForwardBatch, list[Sequence]]:
+    def _prepare(self, scheduled: Seq[ScheduledSequence]) -> tuple[ForwardBatch, list[tuple[Sequence, int]]]:
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
-        decode_rows: list[_Row] = []
-        prefill_rows: list[_Row] = []
+        short_rows: list[_Row] = []  # decodes (+ drafts) and short chunks: one attention call
+        long_rows: list[_Row] = []  # long prefill chunks: one call each, no padding waste
         logits_index: list[int] = []
-        sampling_seqs: list[Sequence] = []
+        sampling_rows: list[tuple[Sequence, int]] = []  # (seq, number of draft tokens)
         for item in scheduled:
-            seq, start, n = item.seq, item.seq.num_computed_tokens, item.num_new_tokens
+            seq, start, n, d = item.seq, item.seq.num_computed_tokens, item.num_new_tokens, item.num_draft_tokens
             offset = len(input_ids)
             table = seq.block_table
-            input_ids.extend(seq.token_ids[start : start + n])
+            input_ids.extend(seq.token_ids[start : start + n - d])
+            input_ids.extend(seq.draft_token_ids[:d])
             positions.extend(range(start, start + n))
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, start + n))
-            (decode_rows if n == 1 else prefill_rows).append((offset, start, n, table))
+            (short_rows if n <= _SHORT_ROW else long_rows).append((offset, start, n, table))
             if item.samples:
-                logits_index.append(offset + n - 1)
-                sampling_seqs.append(seq)
-        groups = ([self._group(decode_rows)] if decode_rows else []) + [self._group([r]) for r in prefill_rows]
+                logits_index.extend(range(offset + n - d - 1, offset + n))
+                sampling_rows.append((seq, d))
+        groups = ([self._group(short_rows)] if short_rows else []) + [self._group([r]) for r in long_rows]
         dev = self.device
         batch = ForwardBatch(
             input_ids=torch.tensor(input_ids, dtype=torch.long).to(dev),
@@ -95,7 +121,7 @@ class ModelRunner:
             groups=groups,
             logits_index=torch.tensor(logits_index, dtype=torch.long).to(dev),
         )
-        return batch, sampling_seqs
+        return batch, sampling_rows
 
     def _group(self, rows: list[_Row]) -> AttentionGroup:
         """Index tensors for rows attended together (queries padded to the longest row)."""

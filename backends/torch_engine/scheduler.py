@@ -23,12 +23,13 @@ from backends.torch_engine.sequence import Sequence, SequenceStatus
 @dataclass(slots=True)
 class ScheduledSequence:
     seq: Sequence
-    num_new_tokens: int  # tokens computed this step, starting at seq.num_computed_tokens
+    num_new_tokens: int  # tokens computed this step from seq.num_computed_tokens, drafts included
+    num_draft_tokens: int = 0  # the last ones of num_new_tokens are seq.draft_token_ids
 
     @property
     def samples(self) -> bool:
         """True when this step reaches the end of the sequence, so a token is sampled."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        return self.seq.num_computed_tokens + self.num_new_tokens - self.num_draft_tokens == self.seq.num_tokens
 
 
 @dataclass(slots=True)
@@ -73,11 +74,22 @@ class Scheduler:
         """Pick this step's sequences and reserve their KV blocks."""
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
+        # Speculative drafts only use budget no running sequence needs for its real tokens.
+        spare = budget - sum(s.num_uncomputed_tokens for s in self.running)
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_uncomputed_tokens, budget)
+            if seq.draft_token_ids:
+                fits = max(0, min(len(seq.draft_token_ids), spare, budget - num_new))
+                del seq.draft_token_ids[fits:]
+                spare -= fits
+                num_new += fits
             while not self.kv_cache.can_allocate(seq, num_new):
+                if seq.draft_token_ids:  # drop speculation before preempting anyone for it
+                    num_new -= len(seq.draft_token_ids)
+                    seq.draft_token_ids.clear()
+                    continue
                 victim = self.running.pop()  # newest first: it has the least work to redo
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -85,7 +97,7 @@ class Scheduler:
                     break
             else:
                 self.kv_cache.allocate(seq, num_new)
-                out.scheduled.append(ScheduledSequence(seq, num_new))
+                out.scheduled.append(ScheduledSequence(seq, num_new, len(seq.draft_token_ids)))
                 budget -= num_new
                 i += 1
         while not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:

@@ -52,6 +52,8 @@ class Sequence:
     token_ids: list[int] = field(init=False)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    # Speculative tokens to verify in the next step (after the uncomputed ones); never in token_ids.
+    draft_token_ids: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: FinishReason | None = None
     num_preemptions: int = 0
@@ -101,5 +103,6 @@ class Sequence:
         """Forget the cached keys/values (preemption): everything is recomputed on readmission."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.draft_token_ids = []
         self.status = SequenceStatus.WAITING
         self.num_preemptions += 1

@@ -147,3 +147,22 @@ def test_eos_token_finishes_with_stop(tiny_model: Any, tokenizer: Any) -> None:
     )
     run_until_idle(engine)
     assert sink.finish[seq_id] == "stop" and sink.tokens[seq_id] == [first]
+
+
+@pytest.mark.parametrize("num_kv_blocks", [64, 14])  # 14: preemption under speculation too
+def test_speculative_greedy_is_exact_and_saves_steps(tiny_model: Any, tokenizer: Any, num_kv_blocks: int) -> None:
+    steps = {}
+    for k in (0, 4):
+        engine = make_engine(
+            tiny_model, tokenizer, num_speculative_tokens=k, num_kv_blocks=num_kv_blocks, max_num_batched_tokens=64
+        )
+        sink = Collector()
+        ids = [add(engine, sink, p, n=20) for p in PROMPTS[:4]]
+        sampled = add(engine, sink, PROMPTS[4], SamplingParams(temperature=1.0, seed=3), n=20)  # never drafts
+        steps[k] = run_until_idle(engine)
+        for seq_id, prompt in zip(ids, PROMPTS[:4], strict=True):
+            assert sink.tokens[seq_id] == reference(tiny_model, prompt, 20), f"k={k} prompt {prompt}"
+            assert sink.finish[seq_id] == "length"
+        assert len(sink.tokens[sampled]) == 20
+        assert engine.kv_cache.num_free_blocks == num_kv_blocks
+    assert steps[4] < steps[0]  # the tiny model repeats itself, so drafts get accepted

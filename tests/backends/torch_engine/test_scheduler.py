@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from backends.torch_engine.kv_cache import KVCacheManager
+from backends.torch_engine.proposer import propose_ngram
 from backends.torch_engine.scheduler import Scheduler
 from backends.torch_engine.sequence import Sequence, SequenceStatus
 
@@ -40,7 +41,7 @@ def run_step(sched: Scheduler, token: int = 7) -> list[tuple[int, int]]:
 def test_modules_import_no_torch() -> None:
     code = (
         "import sys; import backends.torch_engine.scheduler, backends.torch_engine.kv_cache, "
-        "backends.torch_engine.sequence, backends.torch_engine.detokenizer; "
+        "backends.torch_engine.sequence, backends.torch_engine.detokenizer, backends.torch_engine.proposer; "
         "sys.exit(1 if 'torch' in sys.modules else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=False).returncode == 0
@@ -147,3 +148,37 @@ def test_max_tokens_and_stop_tokens_finish() -> None:
     assert seq2.finish_reason == "length"
     with pytest.raises(ValueError):
         Sequence(2, [], max_tokens=1)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "num_draft", "expected"),
+    [
+        ([1, 2, 3, 9, 1, 2, 3], 3, [9, 1, 2]),  # 3-gram match, continuation capped by the sequence
+        ([5, 6, 7, 5, 6], 4, [7, 5, 6]),
+        ([1, 2, 3, 4], 2, []),  # no repeated n-gram
+        ([4, 4, 4, 4], 2, [4]),  # latest match wins
+        ([1, 2, 1, 2], 0, []),
+    ],
+)
+def test_prompt_lookup_proposals(tokens: list[int], num_draft: int, expected: list[int]) -> None:
+    assert propose_ngram(tokens, num_draft) == expected
+
+
+def test_drafts_use_only_spare_budget_and_yield_to_memory() -> None:
+    sched = make_scheduler(num_blocks=64, block_size=4, budget=6)
+    a, b = make_seq(0, 3), make_seq(1, 3)
+    sched.add(a)
+    sched.add(b)
+    run_step(sched)
+    a.draft_token_ids = [1, 2, 3, 4, 5]
+    out = sched.schedule()  # budget 6: two real decode tokens reserved, 4 left for a's drafts
+    assert [(s.seq.seq_id, s.num_new_tokens, s.num_draft_tokens) for s in out.scheduled] == [(0, 5, 4), (1, 1, 0)]
+    assert a.draft_token_ids == [1, 2, 3, 4] and out.scheduled[0].samples
+
+    tight = make_scheduler(num_blocks=2, block_size=4, budget=64)
+    c = make_seq(2, 3)
+    tight.add(c)
+    run_step(tight)  # 4 tokens: one block used, one free
+    c.draft_token_ids = [1] * 8
+    out = tight.schedule()
+    assert [(s.num_new_tokens, s.num_draft_tokens) for s in out.scheduled] == [(1, 0)] and not out.preempted
