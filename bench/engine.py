@@ -11,7 +11,11 @@ contender does the same useful work), greedy. Useful tokens = the sum of the bud
   (b')     the same continuous-batching manager fed per-request budgets through
            `add_request(max_new_tokens=...)`: the closest transformers gets to this workload.
 
-    .venv/bin/python bench/engine.py [--device cpu] [--dtype float32] [--repeats 2] [--skip-b]
+    .venv/bin/python bench/engine.py [--device cpu] [--dtype float32] [--repeats 2] [--threads N]
+                                     [--spec K] [--skip-b]
+
+`--spec K` adds a run of the engine with prompt-lookup speculative decoding (K drafts per step;
+output identical to greedy, checked below), an opt-in engine feature.
 
 Prints tokens/s per contender and the ratios. Runs alternate (engine, a, b, engine, a, b...) so
 that load from other processes on a shared machine hits all contenders alike; the best run of
@@ -54,8 +58,13 @@ def workload(tokenizer: Any) -> tuple[list[list[int]], list[int]]:
     return prompts, budgets
 
 
-def run_engine(hf_model: Any, tokenizer: Any, prompts: list[list[int]], budgets: list[int], args: Any) -> tuple[float, list[list[int]]]:
-    cfg = TorchBackendConfig(device=args.device, dtype=args.dtype, max_num_seqs=16, max_model_len=1024, num_kv_blocks=1024)
+def run_engine(
+    hf_model: Any, tokenizer: Any, prompts: list[list[int]], budgets: list[int], args: Any, num_spec: int = 0
+) -> tuple[float, list[list[int]]]:
+    cfg = TorchBackendConfig(
+        device=args.device, dtype=args.dtype, max_num_seqs=16, max_model_len=1024, num_kv_blocks=1024,
+        num_speculative_tokens=num_spec,
+    )
     engine = engine_for_model(hf_model, tokenizer, cfg, model_id="gemma3-270m").engine
     outputs: dict[int, list[int]] = {}
     start = time.perf_counter()
@@ -131,6 +140,7 @@ def main() -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch default)")
+    parser.add_argument("--spec", type=int, default=0, help="also run the engine with this many prompt-lookup drafts")
     parser.add_argument("--skip-b", action="store_true", help="skip transformers continuous batching")
     args = parser.parse_args()
     if args.threads:
@@ -148,6 +158,8 @@ def main() -> int:
 
     contenders = {"engine": lambda: run_engine(hf_model, tokenizer, prompts, budgets, args),
                   "a: static generate": lambda: run_static(hf_model, tokenizer, prompts, budgets, args)}
+    if args.spec:
+        contenders[f"engine + lookup k={args.spec}"] = lambda: run_engine(hf_model, tokenizer, prompts, budgets, args, args.spec)
     if not args.skip_b:
         contenders["b: generate_batch"] = lambda: run_generate_batch(hf_model, prompts, budgets, args)
         contenders["b': CB per-request budget"] = lambda: run_hf_continuous(hf_model, prompts, budgets, args)
@@ -166,8 +178,15 @@ def main() -> int:
     for name, v in times.items():
         print(f"  {name:<26} {useful / best[name]:7.1f} tok/s  [{useful / statistics.median(v):7.1f}]")
     for name in contenders:
-        if name != "engine":
+        if not name.startswith("engine"):
             print(f"  engine vs {name:<26} {best[name] / best['engine']:.2f}x  [{statistics.median(times[name]) / statistics.median(times['engine']):.2f}x]")
+    if args.spec:
+        spec_name = f"engine + lookup k={args.spec}"
+        for name in contenders:
+            if not name.startswith("engine"):
+                print(f"  {spec_name} vs {name:<26} {best[name] / best[spec_name]:.2f}x  [{statistics.median(times[name]) / statistics.median(times[spec_name]):.2f}x]")
+        same_spec = sum(o == r for o, r in zip(outputs[spec_name], outputs["engine"], strict=True))
+        print(f"  speculative outputs identical to plain engine: {same_spec}/{len(prompts)} requests")
     same = sum(o == r for o, r in zip(outputs["engine"], outputs["a: static generate"], strict=True))
     print(f"  greedy outputs identical to static generate: {same}/{len(prompts)} requests")
     return 0
