@@ -10,6 +10,8 @@ Directives in the prompt drive fault tests:
     [[fail-after:N]]  raise BackendError after N tokens
     [[hang]]          never produce a token
     [[echo]]          output the prompt's last message instead of the script
+
+Config `fail_after_tokens = N` makes one deployment die (retriably) after N chunks, for failover tests.
 """
 
 from __future__ import annotations
@@ -98,6 +100,7 @@ class FakeBackend:
         if "[[unavailable]]" in prompt:
             raise BackendUnavailable(f"backend {self.name!r} is unavailable (scripted)")
         fail_after = int(m.group(1)) if (m := _FAIL_AFTER.search(prompt)) else None
+        dies_after = cfg.fail_after_tokens or None
         max_tokens = min(request.max_tokens or budget, budget)
         script = self._output_tokens(request, prompt)
 
@@ -108,6 +111,10 @@ class FakeBackend:
             if cfg.first_token_delay_s:
                 await asyncio.sleep(cfg.first_token_delay_s)
             async for chunk in self._emit(script, max_tokens, request.sampling.stop, num_prompt, fail_after):
+                if dies_after is not None and chunk.text:
+                    dies_after -= 1
+                    if dies_after < 0:
+                        raise BackendUnavailable(f"backend {self.name!r} lost its connection mid-stream (scripted)")
                 yield chunk
         finally:
             self._in_flight -= 1

@@ -129,6 +129,7 @@ class FakeBackendConfig(_Backend, tag="fake"):
     tokens_per_s: NonNegFloat = 0.0  # 0: as fast as possible
     first_token_delay_s: NonNegFloat = 0.0
     max_concurrent: NonNegInt = 0  # 0: unlimited
+    fail_after_tokens: NonNegInt = 0  # > 0: this deployment dies (retriably) after N tokens; fault tests
 
 
 class LlamaCppBackendConfig(_Backend, tag="llamacpp"):

@@ -1,0 +1,196 @@
+"""Turning opened backend streams into the client's response: one JSON body, or an SSE stream.
+Cleanup (limits, audit) runs before the last byte is sent, or in the background when the
+client has gone away."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from litestar import Request, Response
+
+from backends.base import BackendError, GenerationRequest
+from gateway.context import Call, Services, finish, overhead_ms
+from gateway.errors import APIError, from_backend_error
+from gateway.generation import Choice, Opened, aclose, merge, open_with_failover, totals
+from gateway.schemas import encoder
+from gateway.streaming import DONE, KEEPALIVE, ResponseShape, error_event
+from policies import routing
+
+log = logging.getLogger("aibox.pipeline")
+
+
+async def respond_json(
+    services: Services,
+    request: Request[Any, Any, Any],
+    call: Call,
+    subs: list[GenerationRequest],
+    deadline: float,
+    open_task: asyncio.Future[Opened],
+    shape_for: Callable[[str], ResponseShape],
+    attempts: list[routing.Attempt],
+) -> Response[Any]:
+    """Join every choice into one JSON body. Nothing reaches the client until the end, so a
+    deployment failing mid-generation is retried on the next one (the request starts over)."""
+    choices = [Choice(i, s) for i, s in enumerate(subs)]
+    opened: Opened | None = None
+
+    async def collect() -> None:
+        nonlocal opened, choices
+        pending: asyncio.Future[Opened] | None = open_task
+        remaining = attempts
+        while True:
+            current = await pending if pending is not None else await open_with_failover(services, call, remaining, subs, deadline)
+            opened, pending = current, None
+            try:
+                async for i, chunk in merge(current, deadline, services.settings.server.idle_timeout_s):
+                    choices[i].take(chunk)
+                return
+            except BackendError as exc:
+                end_attempt(services, call, current, ok=False, retriable=exc.retriable)
+                opened = None  # this attempt is ended; nothing left to end on disconnect
+                rest = remaining[remaining.index(current.attempt) + 1 :] if current.attempt in remaining else []
+                if not exc.retriable or not rest or asyncio.get_running_loop().time() >= deadline:
+                    raise
+                log.warning("deployment %s failed mid-generation for %s; retrying on the next", current.attempt.backend, call.request_id)
+                call.retries += 1
+                remaining, choices = rest, [Choice(i, s) for i, s in enumerate(subs)]
+            finally:
+                for it in current.iters:
+                    await aclose(it)
+
+    collector = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not collector.done():  # the client went away: abort the backend work
+        collector.cancel()
+        await asyncio.gather(collector, return_exceptions=True)
+        call.status, call.error_type, call.error_code = 499, "client_closed", "client_closed"
+        end_attempt(services, call, opened, ok=False)  # neither success nor the deployment's fault
+        totals(call, choices, subs)
+        await finish(services, call)
+        return Response(content=b"", status_code=499)
+    try:
+        collector.result()
+    except BackendError as exc:
+        raise from_backend_error(exc) from None
+    call.t_last = time.perf_counter()
+    end_attempt(services, call, opened, ok=True)
+    totals(call, choices, subs)
+    assert opened is not None
+    texts = [c.echo + "".join(c.text) for c in choices]
+    body = shape_for(opened.attempt.model.name).full(
+        texts, [c.finish or "stop" for c in choices], call.prompt_tokens, call.completion_tokens
+    )
+    if services.settings.audit.store_content:
+        call.response_content = encoder.encode(texts).decode()
+    await finish(services, call)  # committed before the client sees the body
+    call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
+    return Response(content=encoder.encode(body), media_type="application/json", headers=call.headers)
+
+
+async def _wait_disconnect(request: Request[Any, Any, Any]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def end_attempt(services: Services, call: Call, opened: Opened | None, *, ok: bool, retriable: bool = False) -> None:
+    if opened is not None:
+        ttft = call.t_first - call.t_backend if call.t_first and call.t_backend else None
+        services.router.end(opened.attempt.backend, ok=ok, ttft_s=ttft, retriable_failure=retriable)
+
+
+async def stream(
+    services: Services,
+    call: Call,
+    shape: ResponseShape | None,
+    subs: list[GenerationRequest],
+    deadline: float,
+    *,
+    opened: Opened | None = None,
+    pending: asyncio.Future[Opened] | None = None,
+    shape_for: Callable[[str], ResponseShape] | None = None,
+) -> AsyncIterator[bytes]:
+    """The SSE body. Cleanup (limits, audit) runs before [DONE], or in the background if the
+    client disconnected (the task is being cancelled then)."""
+    choices = [Choice(i, s) for i, s in enumerate(subs)]
+    finished_cleanly = False
+    ok = True
+    retriable = False  # a mid-stream failure of the deployment (not failover-able) still counts toward cooldown
+    try:
+        if opened is None:
+            assert pending is not None and shape_for is not None
+            while not pending.done():  # a long prefill: keep the connection alive
+                await asyncio.wait({pending}, timeout=services.settings.server.keepalive_s)
+                if not pending.done():
+                    yield KEEPALIVE
+            try:
+                opened = pending.result()
+            except APIError as err:
+                call.fail(err)
+                ok = False
+                yield error_event(err.body())
+                await finish(services, call)
+                finished_cleanly = True
+                yield DONE
+                return
+            shape = shape_for(opened.attempt.model.name)
+        assert shape is not None
+        if shape.chat:
+            for i in range(len(subs)):
+                yield shape.role_chunk(i)
+        for c in choices:
+            if c.echo:
+                yield shape.text_chunk(c.index, c.echo)
+        try:
+            async for i, chunk in merge(opened, deadline, services.settings.server.idle_timeout_s):
+                choices[i].take(chunk)
+                if chunk.text:
+                    yield shape.text_chunk(i, chunk.text)
+                if chunk.finish_reason is not None:
+                    yield shape.finish_chunk(i, chunk.finish_reason)
+        except BackendError as exc:
+            ok, retriable = False, exc.retriable
+            err = from_backend_error(exc)
+            call.fail(err)
+            log.warning("stream %s failed mid-way: %s", call.request_id, exc.message)
+            yield error_event(err.body())
+        totals(call, choices, subs)
+        if ok and shape.include_usage:
+            yield shape.usage_chunk(call.prompt_tokens, call.completion_tokens)
+        if services.settings.audit.store_content:
+            call.response_content = encoder.encode(["".join(c.text) for c in choices]).decode()
+        await close_streams(opened)
+        end_attempt(services, call, opened, ok=ok, retriable=retriable)
+        await finish(services, call)  # committed before [DONE]
+        finished_cleanly = True
+        yield DONE
+    finally:
+        if not finished_cleanly:  # client disconnected (we are being cancelled) or a bug
+            if pending is not None and not pending.done():
+                pending.cancel()
+            call.status, call.error_type, call.error_code = 499, "client_closed", "client_closed"
+            totals(call, choices, subs)
+            task = asyncio.get_running_loop().create_task(_abort_cleanup(services, call, opened))
+            services.background.add(task)
+            task.add_done_callback(services.background.discard)
+
+
+async def close_streams(opened: Opened | None) -> None:
+    if opened is not None:
+        for it in opened.iters:
+            await aclose(it)
+
+
+async def _abort_cleanup(services: Services, call: Call, opened: Opened | None) -> None:
+    await close_streams(opened)
+    end_attempt(services, call, opened, ok=False)  # a disconnect is neither success nor the deployment's fault
+    await finish(services, call)
