@@ -13,9 +13,10 @@ from litestar.openapi import OpenAPIConfig
 
 from backends.base import Backend
 from backends.registry import create_backend
+from gateway.coalesce import coalesce_sse
+from gateway.drain import Drain
 from gateway.errors import handle_exception
 from gateway.pipeline import Services
-from gateway.drain import Drain
 from gateway.routes import health, metrics, openai
 from gateway.settings import Settings
 from policies.routing import Router
@@ -126,7 +127,7 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
             health.ready,
             metrics.metrics,
         ],
-        middleware=[drain.middleware],
+        middleware=[drain.middleware, coalesce_sse],  # outermost first
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=settings.server.max_body_bytes,
