@@ -104,7 +104,7 @@ _WORKER = textwrap.dedent(
     """
     import sys
     from gateway.metrics import Metrics
-    from gateway.pipeline import Call
+    from gateway.context import Call
     from tests.live import settings_from
     from tests.ops.helpers import config
 
