@@ -70,6 +70,14 @@ class Call:
     reservation: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    scope: dict[str, Any] | None = None  # the ASGI scope: tells a drain abort from a client leaving
+
+    def abandoned(self) -> None:
+        """The response was cut off: by a graceful-shutdown abort (503) or by the client (499)."""
+        if self.scope is not None and self.scope.get("aibox.drain_aborted"):
+            self.status, self.error_type, self.error_code = 503, "service_unavailable", "server_shutting_down"
+        else:
+            self.status, self.error_type, self.error_code = 499, "client_closed", "client_closed"
 
     def fail(self, err: APIError) -> None:
         self.status, self.error_type, self.error_code = err.status_code, err.error_type, err.code

@@ -51,6 +51,7 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
     prefix = "chatcmpl-" if endpoint == "chat.completions" else "cmpl-"
     call = Call(request_id=prefix + uuid.uuid4().hex, endpoint=endpoint, ts=time.time(), t0=time.perf_counter())
     call.headers["x-request-id"] = _request_id_header(request) or call.request_id
+    call.scope = request.scope  # type: ignore[assignment]
     retry_hdr = request.headers.get("x-stainless-retry-count")
     call.client_retry_count = int(retry_hdr) if retry_hdr and retry_hdr.isdigit() else None
     services.in_flight += 1

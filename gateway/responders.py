@@ -71,7 +71,7 @@ async def respond_json(
     if not collector.done():  # the client went away: abort the backend work
         collector.cancel()
         await asyncio.gather(collector, return_exceptions=True)
-        call.status, call.error_type, call.error_code = 499, "client_closed", "client_closed"
+        call.abandoned()
         end_attempt(services, call, opened, ok=False)  # neither success nor the deployment's fault
         totals(call, choices, subs)
         await finish(services, call)
@@ -177,7 +177,7 @@ async def stream(
         if not finished_cleanly:  # client disconnected (we are being cancelled) or a bug
             if pending is not None and not pending.done():
                 pending.cancel()
-            call.status, call.error_type, call.error_code = 499, "client_closed", "client_closed"
+            call.abandoned()
             totals(call, choices, subs)
             task = asyncio.get_running_loop().create_task(_abort_cleanup(services, call, opened))
             services.background.add(task)
