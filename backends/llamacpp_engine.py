@@ -66,7 +66,7 @@ class _Slot:
     def num_cached(self) -> int:
         return len(self.tokens)
 
-    def assign(self, job: Job, sampler: int, now: float) -> None:
+    def assign(self, job: Job, sampler: int | None, now: float) -> None:
         self.job = job
         self.sampler = sampler
         self.last_used = now

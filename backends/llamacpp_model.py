@@ -14,6 +14,7 @@ import threading
 from dataclasses import dataclass
 
 import llama_cpp as lc
+import numpy as np
 
 from backends.base import SamplingParams
 
@@ -147,8 +148,12 @@ class LlamaModel:
         return buf.raw[:n]
 
     # ------------------------------------------------------------------ sampling
-    def new_sampler(self, params: SamplingParams) -> int:
-        """A sampler chain for one sequence; free it with `free_sampler`."""
+    def new_sampler(self, params: SamplingParams) -> int | None:
+        """A sampler chain for one sequence (free it with `free_sampler`); None for plain greedy,
+        which `sample` does as an argmax over the logits: the same token (first maximum) without
+        copying 262k candidates into llama.cpp's sampler array every step."""
+        if params.temperature <= 0 and not (params.presence_penalty or params.frequency_penalty):
+            return None
         chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
         if params.presence_penalty or params.frequency_penalty:
             lc.llama_sampler_chain_add(
@@ -169,13 +174,17 @@ class LlamaModel:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed & 0xFFFFFFFF))
         return chain
 
-    def sample(self, sampler: int, batch_index: int) -> int:
+    def sample(self, sampler: int | None, batch_index: int) -> int:
         """Sample from the logits of batch row `batch_index` (also records it for penalties)."""
+        if sampler is None:
+            logits = lc.llama_get_logits_ith(self._ctx, batch_index)
+            return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
         return lc.llama_sampler_sample(sampler, self._ctx, batch_index)
 
     @staticmethod
-    def free_sampler(sampler: int) -> None:
-        lc.llama_sampler_free(sampler)
+    def free_sampler(sampler: int | None) -> None:
+        if sampler is not None:
+            lc.llama_sampler_free(sampler)
 
     # ------------------------------------------------------------------ decode and KV
     def decode(self, entries: list[BatchEntry]) -> int:

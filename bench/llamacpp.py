@@ -1,8 +1,9 @@
 """llama.cpp backend benchmark: aibox vs llama-cpp-python called directly, same run, same model.
 
-    .venv/bin/python -m bench.llamacpp [--threads 1] [--max-tokens 128] [--repeats 3] [--no-http]
+    .venv/bin/python -m bench.llamacpp [--threads 1] [--threads-batch N] [--max-tokens 128] [--repeats 5] [--no-http]
 
 Measures, on the bundled Gemma 3 270M (greedy, one prompt per stream):
+  step     raw `llama_decode` of 1 vs N sequences: the ceiling any batching scheduler can reach
   direct   `Llama.create_completion` (llama-cpp-python's high-level API), one stream
   backend  `LlamaCppBackend.generate` in this process: one stream, then N concurrent streams
   http     `aibox serve` in a subprocess, driven over HTTP/SSE: one stream, then N concurrent
@@ -26,10 +27,11 @@ from llama_cpp import Llama
 from backends.base import GenerationRequest, SamplingParams
 from backends.bundled import resolve_model_path
 from backends.llamacpp import LlamaCppBackend
+from backends.llamacpp_model import BatchEntry, LlamaModel
 from bench.harness import Aibox, machine, temp_dir, write_config
 from gateway.settings import LlamaCppBackendConfig
 
-PROMPTS = [
+PROMPTS = [  # one per stream
     "Once upon a time, in a small village by the sea,",
     "The history of the Roman Empire begins",
     "Here is a long list of fruits and vegetables:",
@@ -53,11 +55,11 @@ class Run:
         return self.tokens / self.seconds
 
 
-def run_direct(llm: Llama, max_tokens: int) -> Run:
+def run_direct(llm: Llama, prompt: str, max_tokens: int) -> Run:
     start = time.perf_counter()
     ttft = None
     tokens = 0
-    for chunk in llm.create_completion(PROMPTS[0], max_tokens=max_tokens, temperature=0, stream=True):
+    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=0, stream=True):
         if ttft is None:
             ttft = time.perf_counter() - start
         tokens += 1  # llama-cpp-python streams one chunk per generated token (no stop strings here)
@@ -94,10 +96,37 @@ async def http_stream(client: httpx.AsyncClient, prompt: str, max_tokens: int) -
     return tokens, ttft or 0.0
 
 
-async def concurrent(stream, num: int, max_tokens: int) -> Run:  # type: ignore[no-untyped-def]
+async def concurrent(stream, num: int, max_tokens: int, first: int = 0) -> Run:  # type: ignore[no-untyped-def]
+    """`num` streams at once, prompts PROMPTS[first], PROMPTS[first + 1], ..."""
     start = time.perf_counter()
-    results = await asyncio.gather(*(stream(PROMPTS[i % len(PROMPTS)], max_tokens) for i in range(num)))
+    results = await asyncio.gather(*(stream(PROMPTS[(first + i) % len(PROMPTS)], max_tokens) for i in range(num)))
     return Run(sum(r[0] for r in results), time.perf_counter() - start, [r[1] for r in results])
+
+
+def step_ceiling(path: str, threads: int, threads_batch: int, num_seqs: int) -> tuple[float, float]:
+    """Raw llama_decode time (ms) of one decode step with 1 and with `num_seqs` sequences.
+
+    This bounds what any scheduler can reach: N streams can be at most
+    N * t(1) / t(N) times faster than one.
+    """
+    model = LlamaModel(path, n_ctx_per_seq=N_CTX, n_seq_max=num_seqs, n_batch=512, n_threads=threads,
+                       n_threads_batch=threads_batch)
+    try:
+        positions = []
+        for seq, prompt in enumerate(PROMPTS[:num_seqs]):
+            tokens = model.tokenize(prompt, add_special=True)
+            model.decode([BatchEntry(t, i, seq, i == len(tokens) - 1) for i, t in enumerate(tokens)])
+            positions.append(len(tokens))
+        timings: dict[int, list[float]] = {1: [], num_seqs: []}
+        for _ in range(8):
+            for k in timings:
+                start = time.perf_counter()
+                model.decode([BatchEntry(100, positions[s], s, True) for s in range(k)])
+                timings[k].append(time.perf_counter() - start)
+                positions[:k] = [p + 1 for p in positions[:k]]
+        return statistics.median(timings[1]) * 1000, statistics.median(timings[num_seqs]) * 1000
+    finally:
+        model.close()
 
 
 def median(runs: list[Run]) -> tuple[float, float, float]:
@@ -115,12 +144,16 @@ async def main() -> None:
     parser.add_argument("--threads-batch", type=int, default=None, help="default: --threads")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-http", action="store_true")
     args = parser.parse_args()
     path = str(resolve_model_path("bundled:gemma3-270m"))
     threads_batch = args.threads_batch or args.threads
     print(f"machine: {machine()}; threads={args.threads} threads_batch={threads_batch} max_tokens={args.max_tokens}")
+
+    t1, tn = step_ceiling(path, args.threads, threads_batch, args.concurrency)
+    print(f"raw llama_decode step: 1 seq {t1:.1f} ms, {args.concurrency} seqs {tn:.1f} ms -> "
+          f"batching ceiling {args.concurrency * t1 / tn:.2f}x")
 
     llm = Llama(path, n_ctx=N_CTX, n_batch=512, n_threads=args.threads, n_threads_batch=threads_batch, verbose=False)
     backend = LlamaCppBackend("gemma", LlamaCppBackendConfig(
@@ -149,16 +182,19 @@ async def main() -> None:
 
     results: dict[str, list[Run]] = {k: [] for k in ("direct", "backend1", "backendN", "http1", "httpN")}
     try:
-        run_direct(llm, 8)  # warm-up: first-call allocations, page cache
+        run_direct(llm, PROMPTS[-1], 8)  # warm-up: first-call allocations, page cache
         await concurrent(b_stream, args.concurrency, 8)
         if client:
             await concurrent(h_stream, args.concurrency, 8)
-        for _ in range(args.repeats):
-            results["direct"].append(await asyncio.to_thread(run_direct, llm, args.max_tokens))
-            results["backend1"].append(await concurrent(b_stream, 1, args.max_tokens))
+        for r in range(args.repeats):
+            # A new prompt each round: llama-cpp-python reuses the KV of an identical previous
+            # prompt, which would hand the direct path a free prefill.
+            prompt = PROMPTS[r % len(PROMPTS)]
+            results["direct"].append(await asyncio.to_thread(run_direct, llm, prompt, args.max_tokens))
+            results["backend1"].append(await concurrent(b_stream, 1, args.max_tokens, first=r))
             results["backendN"].append(await concurrent(b_stream, args.concurrency, args.max_tokens))
             if client:
-                results["http1"].append(await concurrent(h_stream, 1, args.max_tokens))
+                results["http1"].append(await concurrent(h_stream, 1, args.max_tokens, first=r))
                 results["httpN"].append(await concurrent(h_stream, args.concurrency, args.max_tokens))
     finally:
         await backend.close()
