@@ -55,10 +55,12 @@ class LlamaCppBackend:
             n_ctx_per_seq=config.n_ctx,
             n_seq_max=config.parallel,
             n_batch=config.n_batch,
-            # As llama-cpp-python: half the logical CPUs (physical cores); spinning threads on
-            # oversubscribed cores slow every decode step down by an order of magnitude.
+            # llama-cpp-python's defaults: half the logical CPUs for 1-token steps (memory-bound),
+            # all of them for multi-token steps (batched decode, prefill: compute-bound). On a
+            # machine shared with other busy processes set both lower: spinning threads on
+            # oversubscribed cores slow every step down several times.
             n_threads=config.n_threads or max(1, (os.cpu_count() or 2) // 2),
-            n_threads_batch=config.n_threads_batch,
+            n_threads_batch=config.n_threads_batch or config.n_threads or os.cpu_count() or 1,
             n_gpu_layers=config.n_gpu_layers,
         )
         # Template precedence: the GGUF's own, then config, then Gemma's turn format.
