@@ -51,6 +51,8 @@ async def wait_for(predicate: Any, timeout_s: float = 10.0) -> None:
 
 async def test_stream_reports_usage_queue_time_and_info(tiny_dir: Path) -> None:
     backend = await started(tiny_dir)
+    seen: list[Any] = []
+    backend.add_request_listener(seen.append)  # what a metrics endpoint hooks into
     try:
         chunks = [c async for c in backend.generate(request(max_tokens=8))]
         last = chunks[-1]
@@ -63,6 +65,9 @@ async def test_stream_reports_usage_queue_time_and_info(tiny_dir: Path) -> None:
         stats = backend.stats()
         assert stats["num_requests_finished_total"] == 1 and stats["time_to_first_token_seconds_count"] == 1
         assert stats["in_flight"] == 0 and stats["kv_cache_usage_perc"] == 0
+        (metrics,) = seen
+        assert metrics.num_output_tokens == 8 and metrics.finish_reason == "length"
+        assert 0 <= metrics.queue_s <= metrics.ttft_s <= metrics.e2e_s and metrics.tpot_s is not None
     finally:
         await backend.close()
 
