@@ -7,6 +7,7 @@ Measures, on the bundled Gemma 3 270M (greedy, one prompt per stream):
   direct   `Llama.create_completion` (llama-cpp-python's high-level API), one stream
   backend  `LlamaCppBackend.generate` in this process: one stream, then N concurrent streams
   http     `aibox serve` in a subprocess, driven over HTTP/SSE: one stream, then N concurrent
+  prefix   TTFT of prompts sharing a long preamble, first (computed) vs later (KV copied)
 Throughput is completion tokens / wall time of the whole request (prefill included, the same
 for every path). Rounds alternate the paths so a noisy neighbour hits all of them alike;
 medians are reported. Both engines use the same thread count (`--threads`).
@@ -129,6 +130,14 @@ def step_ceiling(path: str, threads: int, threads_batch: int, num_seqs: int) -> 
         model.close()
 
 
+async def prefix_ttft(backend: LlamaCppBackend, repeats: int) -> tuple[float, float]:
+    """Median TTFT (ms) of prompts sharing a ~300-token preamble: first one (cold) vs the rest."""
+    preamble = "You are a meticulous assistant. Answer in full sentences and cite sources. " * 20
+    cold = (await backend_stream(backend, preamble + "Question: what is rain?", 1))[1]
+    warm = [(await backend_stream(backend, preamble + f"Question {i}: what is snow?", 1))[1] for i in range(repeats)]
+    return cold * 1000, statistics.median(warm) * 1000
+
+
 def median(runs: list[Run]) -> tuple[float, float, float]:
     """(median tok/s, median TTFT ms, median of per-round max TTFT ms)"""
     return (
@@ -196,6 +205,7 @@ async def main() -> None:
             if client:
                 results["http1"].append(await concurrent(h_stream, 1, args.max_tokens, first=r))
                 results["httpN"].append(await concurrent(h_stream, args.concurrency, args.max_tokens))
+        cold_ms, warm_ms = await prefix_ttft(backend, args.repeats)
     finally:
         await backend.close()
         if client:
@@ -218,6 +228,7 @@ async def main() -> None:
         h1, hn = median(results["http1"])[0], median(results["httpN"])[0]
         print(f"ratio HTTP x1 / direct: {h1 / direct[0]:.2f}  (target >= 0.9)")
         print(f"ratio HTTP x{args.concurrency} / HTTP x1: {hn / h1:.2f}  (target >= 2.5)")
+    print(f"prefix cache, ~300-token shared preamble: TTFT cold {cold_ms:.0f} ms, cached {warm_ms:.0f} ms")
     print(f"machine after: {machine()}")
 
 
