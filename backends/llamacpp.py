@@ -84,8 +84,8 @@ class LlamaCppBackend:
         if engine is not None:
             await asyncio.to_thread(engine.stop)
         if model is not None:
-            model.close()
             self._model = None
+            await asyncio.to_thread(model.close)
 
     def info(self) -> BackendInfo:
         model = self._model

@@ -245,12 +245,16 @@ class LlamaEngine:
             prompt = job.prompt_tokens
             start = slot.num_cached
             take = min(budget, len(prompt) - start)
+            if take <= 0:  # prefilled, but its first token was not sampled (cancelled): reaped next
+                continue
             for pos in range(start, start + take):
                 entries.append(BatchEntry(prompt[pos], pos, slot.seq_id, pos == len(prompt) - 1))
             advance.append((slot, prompt[start : start + take]))
             if start + take == len(prompt):
                 rows.append((slot, len(entries) - 1))
             budget -= take
+        if not entries:
+            return
         status = self._model.decode(entries)
         if status == 1 and self._drop_kept_caches():  # no room in the KV cache: evict and retry
             status = self._model.decode(entries)
