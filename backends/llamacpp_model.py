@@ -177,9 +177,12 @@ class LlamaModel:
     def sample(self, sampler: int | None, batch_index: int) -> int:
         """Sample from the logits of batch row `batch_index` (also records it for penalties)."""
         if sampler is None:
-            logits = lc.llama_get_logits_ith(self._ctx, batch_index)
-            return int(np.ctypeslib.as_array(logits, shape=(self.n_vocab,)).argmax())
+            return int(self.logits(batch_index).argmax())
         return lc.llama_sampler_sample(sampler, self._ctx, batch_index)
+
+    def logits(self, batch_index: int) -> np.ndarray:
+        """The logits of batch row `batch_index` of the last decode (a view, valid until the next)."""
+        return np.ctypeslib.as_array(lc.llama_get_logits_ith(self._ctx, batch_index), shape=(self.n_vocab,))
 
     @staticmethod
     def free_sampler(sampler: int | None) -> None:

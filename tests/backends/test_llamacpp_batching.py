@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import threading
 
-import numpy as np
-import llama_cpp as lc
 import pytest
 
 from backends.base import Chunk, SamplingParams
@@ -69,7 +67,7 @@ def run_jobs(engine: LlamaEngine, prompts: list[list[int]]) -> list[list[int]]:
 def logit_gap(model: LlamaModel, context: list[int], preferred: int, other: int) -> float:
     """logit(preferred) - logit(other) after `context`, computed on sequence 0 alone."""
     model.decode([BatchEntry(t, i, 0, i == len(context) - 1) for i, t in enumerate(context)])
-    logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(model._ctx, len(context) - 1), shape=(model.n_vocab,))
+    logits = model.logits(len(context) - 1)
     gap = float(logits[preferred] - logits[other])
     model.free_seq(0)
     return gap
