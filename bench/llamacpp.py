@@ -120,10 +120,10 @@ def step_ceiling(path: str, threads: int, threads_batch: int, num_seqs: int) -> 
             positions.append(len(tokens))
         timings: dict[int, list[float]] = {1: [], num_seqs: []}
         for _ in range(8):
-            for k in timings:
+            for k, samples in timings.items():
                 start = time.perf_counter()
                 model.decode([BatchEntry(100, positions[s], s, True) for s in range(k)])
-                timings[k].append(time.perf_counter() - start)
+                samples.append(time.perf_counter() - start)
                 positions[:k] = [p + 1 for p in positions[:k]]
         return statistics.median(timings[1]) * 1000, statistics.median(timings[num_seqs]) * 1000
     finally:
