@@ -158,8 +158,9 @@ class LlamaModel:
         if params.presence_penalty or params.frequency_penalty:
             lc.llama_sampler_chain_add(
                 chain,
+                # OpenAI penalises every token generated so far: the window is the whole context.
                 lc.llama_sampler_init_penalties(
-                    self.n_vocab, 64, 1.0, params.frequency_penalty, params.presence_penalty
+                    self.n_vocab, self.n_ctx_per_seq, 1.0, params.frequency_penalty, params.presence_penalty
                 ),
             )
         if params.temperature <= 0:

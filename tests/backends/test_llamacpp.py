@@ -174,3 +174,15 @@ async def test_multibyte_output_arrives_whole(backend: LlamaCppBackend) -> None:
     text = "".join(c.text for c in chunks)
     assert text and "\ufffd" not in text
     assert any(ord(ch) > 0x3000 for ch in text)  # CJK came through
+
+
+async def test_frequency_and_presence_penalties_reduce_repetition(backend: LlamaCppBackend) -> None:
+    def most_repeated(text: str) -> int:
+        words = text.replace(",", " ").split()
+        return max(words.count(w) for w in words)
+
+    prompt = "List of fruits: apple, banana,"
+    plain = "".join(c.text for c in await collect(backend.generate(request(prompt, max_tokens=40))))
+    penalised = SamplingParams(temperature=0, frequency_penalty=1.5, presence_penalty=1.0)
+    varied = "".join(c.text for c in await collect(backend.generate(request(prompt, max_tokens=40, sampling=penalised))))
+    assert most_repeated(varied) < most_repeated(plain)
