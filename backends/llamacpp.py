@@ -116,16 +116,17 @@ class LlamaCppBackend:
             raise BackendUnavailable(f"backend {self.name!r} is not started")
         prompt_tokens, echo_text = await asyncio.to_thread(self._tokenize_prompt, model, request)
         n_ctx = model.n_ctx_per_seq
-        max_tokens = request.max_tokens if request.max_tokens is not None else n_ctx - len(prompt_tokens)
-        if len(prompt_tokens) + max(max_tokens, 1) > n_ctx:
+        if request.max_tokens is not None and request.max_tokens <= 0:
+            raise BackendRequestError("max_tokens must be at least 1", param="max_tokens")
+        # No max_tokens: up to the end of the context, which needs room for at least one token.
+        max_tokens = request.max_tokens or max(1, n_ctx - len(prompt_tokens))
+        if len(prompt_tokens) + max_tokens > n_ctx:
             raise ContextLengthExceeded(
                 f"This model's maximum context length is {n_ctx} tokens. However, you requested "
                 f"{len(prompt_tokens) + max_tokens} tokens ({len(prompt_tokens)} in the prompt, "
                 f"{max_tokens} for the completion). Please reduce the length of the prompt or "
                 "max_tokens."
             )
-        if max_tokens <= 0:
-            raise BackendRequestError("max_tokens must be at least 1", param="max_tokens")
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
 

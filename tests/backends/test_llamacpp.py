@@ -112,11 +112,12 @@ async def test_echo_prepends_the_prompt(backend: LlamaCppBackend) -> None:
     assert "".join(c.text for c in chunks).startswith("Two plus two is")
 
 
-@pytest.mark.parametrize(("prompt_words", "max_tokens"), [(400, 1), (100, N_CTX)])
-async def test_context_overflow_raises_before_the_first_chunk(backend: LlamaCppBackend, prompt_words: int, max_tokens: int) -> None:
+@pytest.mark.parametrize(("prompt_words", "max_tokens"), [(400, 1), (100, N_CTX), (400, None)])
+async def test_context_overflow_raises_before_the_first_chunk(backend: LlamaCppBackend, prompt_words: int, max_tokens: int | None) -> None:
     stream = backend.generate(request("hello " * prompt_words, max_tokens=max_tokens))
-    with pytest.raises(ContextLengthExceeded, match=f"maximum context length is {N_CTX} tokens"):
+    with pytest.raises(ContextLengthExceeded, match=f"maximum context length is {N_CTX} tokens") as exc:
         await anext(stream)
+    assert "-" not in exc.value.message.split("However")[1]  # no negative token counts
 
 
 async def test_default_max_tokens_runs_to_the_end_of_the_context(backend: LlamaCppBackend) -> None:
