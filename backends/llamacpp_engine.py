@@ -1,8 +1,13 @@
 """Continuous batching over one llama.cpp context: the scheduler thread of the llama.cpp backend.
 
 Each step packs one decode token of every generating sequence plus prefill chunks of newly
-admitted prompts (up to `n_batch` tokens in all) into a single `llama_decode`. On a CPU one
-decode step reads all weights whatever the batch holds, so N streams cost little more than one.
+admitted prompts (up to `n_batch` tokens in all) into a single `llama_decode`: one pass over
+the weights serves every stream. (On a small model with a big vocabulary the per-token compute
+still grows with the batch; docs/benchmarks.md has the measured ceiling.)
+
+A finished or aborted request frees its slot at once. Its KV cells are dropped, or with
+`prefix_cache` kept until the slot is reused, so that a later prompt starting the same way
+(>= MIN_PREFIX_REUSE tokens) copies them with `llama_memory_seq_cp` instead of recomputing.
 
 Threads: the event loop only calls `submit` / `cancel` / `stats` (cheap, under `_cond`); the
 engine thread alone touches the model. Results go back through each job's `sink`, which the
