@@ -51,7 +51,7 @@ class GenerationRequest(msgspec.Struct, kw_only=True):
     messages: list[Message] | None = None
     max_tokens: int | None = None  # None: up to the end of the context window
     sampling: SamplingParams = SamplingParams()
-    echo: bool = False
+    # No `echo`: the gateway prepends the prompt itself, the same way for every backend.
     # The raw OpenAI body, for backends that forward it (openai upstream). Others ignore it.
     raw: dict[str, Any] | None = None
 

@@ -114,7 +114,7 @@ class LlamaCppBackend:
         engine, model = self._engine, self._model
         if engine is None or model is None:
             raise BackendUnavailable(f"backend {self.name!r} is not started")
-        prompt_tokens, echo_text = await asyncio.to_thread(self._tokenize_prompt, model, request)
+        prompt_tokens = await asyncio.to_thread(self._tokenize_prompt, model, request)
         n_ctx = model.n_ctx_per_seq
         if request.max_tokens is not None and request.max_tokens <= 0:
             raise BackendRequestError("max_tokens must be at least 1", param="max_tokens")
@@ -141,22 +141,18 @@ class LlamaCppBackend:
                   stops=stops, sink=sink)
         engine.submit(job)
         try:
-            first = True
             while True:
                 item = await queue.get()
                 if isinstance(item, BaseException):
                     raise item
-                if first and echo_text:
-                    item.text = echo_text + item.text
-                first = False
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
             engine.cancel(job)  # no-op once finished; otherwise frees the slot at the next step
 
-    def _tokenize_prompt(self, model: LlamaModel, request: GenerationRequest) -> tuple[list[int], str]:
-        """Prompt tokens and the echo prefix, if asked for.
+    def _tokenize_prompt(self, model: LlamaModel, request: GenerationRequest) -> list[int]:
+        """Prompt tokens (echo, when asked for, is the gateway's job).
 
         Special-token text (`<start_of_turn>`) is parsed, as llama.cpp does. BOS is prepended when
         the model wants one unless the text already starts with it (chat templates usually write
@@ -171,16 +167,14 @@ class LlamaCppBackend:
                 bos_token=model.token_text(model.bos_token),
                 eos_token=model.token_text(model.eos_token),
             )
-            echo_text = ""
         elif request.prompt is not None:
             text = request.prompt
-            echo_text = request.prompt if request.echo else ""
         else:
             raise BackendRequestError("either prompt or messages is required", param="prompt")
         tokens = model.tokenize(text, add_special=False, parse_special=True)
         if (model.wants_bos or not tokens) and tokens[:1] != [model.bos_token]:
             tokens.insert(0, model.bos_token)
-        return tokens, echo_text
+        return tokens
 
 
 def _model_id_from_ref(ref: str) -> str:

@@ -110,9 +110,7 @@ class OpenAIUpstreamBackend:
         if request.messages is not None:
             body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
         else:
-            body["prompt"] = request.prompt or ""
-            if request.echo:
-                body["echo"] = True
+            body["prompt"] = request.prompt or ""  # echo is the gateway's job: never forwarded
         if request.max_tokens is not None:
             body["max_tokens"] = request.max_tokens
         body["temperature"] = s.temperature

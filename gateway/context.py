@@ -70,6 +70,7 @@ class Call:
     reservation: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    echo: list[str] | None = None  # completions `echo`: the prompt of each choice, prepended by us
     scope: dict[str, Any] | None = None  # the ASGI scope: tells a drain abort from a client leaving
 
     def abandoned(self) -> None:

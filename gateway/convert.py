@@ -135,7 +135,6 @@ def completion_requests(body: CompletionRequest, request_id: str, model: str, se
             prompt=prompt,  # type: ignore[arg-type]
             max_tokens=max_tokens,
             sampling=_choice_sampling(sampling, i),
-            echo=bool(body.echo),
         )
         for p, prompt in enumerate(prompts)
         for i in range(body.n or 1)

@@ -115,13 +115,13 @@ async def aclose(it: AsyncIterator[Chunk]) -> None:
 class Choice:
     __slots__ = ("index", "text", "finish", "usage", "num_chunks", "echo")
 
-    def __init__(self, index: int, sub: GenerationRequest) -> None:
+    def __init__(self, index: int, echo: str = "") -> None:
         self.index = index
         self.text: list[str] = []
         self.finish: str | None = None
         self.usage: Usage | None = None
         self.num_chunks = 0
-        self.echo = sub.prompt if sub.echo and sub.prompt else ""
+        self.echo = echo
 
     def take(self, chunk: Chunk) -> None:
         if chunk.text:
@@ -224,6 +224,11 @@ async def merge(opened: Opened, deadline: float, idle_s: float) -> AsyncIterator
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def new_choices(call: Call, subs: list[GenerationRequest]) -> list[Choice]:
+    """Fresh per-choice accumulators (echo prefixes included) for one attempt."""
+    return [Choice(i, call.echo[i] if call.echo else "") for i in range(len(subs))]
 
 
 def totals(call: Call, choices: list[Choice], subs: list[GenerationRequest]) -> None:

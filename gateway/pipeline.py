@@ -96,6 +96,8 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
         if call.endpoint == "chat.completions"
         else convert.completion_requests(body, call.request_id, model.name, settings.server)  # type: ignore[arg-type]
     )
+    if getattr(body, "echo", False):
+        call.echo = [s.prompt or "" for s in subs]
     if settings.audit.store_content:
         call.request_content = (await request.body()).decode("utf-8", "replace")  # cached by Litestar
     # HOOK(quota)

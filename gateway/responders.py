@@ -15,7 +15,7 @@ from litestar import Request, Response
 from backends.base import BackendError, GenerationRequest
 from gateway.context import Call, Services, finish, overhead_ms
 from gateway.errors import APIError, from_backend_error
-from gateway.generation import Choice, Opened, aclose, merge, open_with_failover, totals
+from gateway.generation import Opened, aclose, merge, new_choices, open_with_failover, totals
 from gateway.schemas import encoder
 from gateway.streaming import DONE, KEEPALIVE, ResponseShape, error_event
 from policies import routing
@@ -35,7 +35,7 @@ async def respond_json(
 ) -> Response[Any]:
     """Join every choice into one JSON body. Nothing reaches the client until the end, so a
     deployment failing mid-generation is retried on the next one (the request starts over)."""
-    choices = [Choice(i, s) for i, s in enumerate(subs)]
+    choices = new_choices(call, subs)
     opened: Opened | None = None
 
     async def collect() -> None:
@@ -57,7 +57,7 @@ async def respond_json(
                     raise
                 log.warning("deployment %s failed mid-generation for %s; retrying on the next", current.attempt.backend, call.request_id)
                 call.retries += 1
-                remaining, choices = rest, [Choice(i, s) for i, s in enumerate(subs)]
+                remaining, choices = rest, new_choices(call, subs)
             finally:
                 for it in current.iters:
                     await aclose(it)
@@ -121,7 +121,7 @@ async def stream(
 ) -> AsyncIterator[bytes]:
     """The SSE body. Cleanup (limits, audit) runs before [DONE], or in the background if the
     client disconnected (the task is being cancelled then)."""
-    choices = [Choice(i, s) for i, s in enumerate(subs)]
+    choices = new_choices(call, subs)
     finished_cleanly = False
     ok = True
     retriable = False  # a mid-stream failure of the deployment (not failover-able) still counts toward cooldown

@@ -107,11 +107,6 @@ async def test_chat_renders_gemma_turns_and_never_returns_the_turn_marker(backen
     assert chunks[-1].usage is not None and chunks[-1].usage.prompt_tokens > 10
 
 
-async def test_echo_prepends_the_prompt(backend: LlamaCppBackend) -> None:
-    chunks = await collect(backend.generate(request("Two plus two is", max_tokens=3, echo=True)))
-    assert "".join(c.text for c in chunks).startswith("Two plus two is")
-
-
 @pytest.mark.parametrize(("prompt_words", "max_tokens"), [(400, 1), (100, N_CTX), (400, None)])
 async def test_context_overflow_raises_before_the_first_chunk(backend: LlamaCppBackend, prompt_words: int, max_tokens: int | None) -> None:
     stream = backend.generate(request("hello " * prompt_words, max_tokens=max_tokens))
