@@ -4,7 +4,8 @@
 
 Measures, on the bundled Gemma 3 270M (greedy, one prompt per stream):
   step     raw `llama_decode` of 1 vs N sequences: the ceiling any batching scheduler can reach
-  direct   `Llama.create_completion` (llama-cpp-python's high-level API), one stream
+  direct   `Llama.create_completion` (llama-cpp-python's high-level API), one stream, in a child
+           process: a `Llama` loaded beside our backend slowed the backend's 8-stream runs ~15%
   backend  `LlamaCppBackend.generate` in this process: one stream, then N concurrent streams
   http     `aibox serve` in a subprocess, driven over HTTP/SSE: one stream, then N concurrent
   prefix   TTFT of prompts sharing a long preamble, first (computed) vs later (KV copied)
@@ -19,6 +20,8 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 
@@ -54,6 +57,37 @@ class Run:
     @property
     def tok_s(self) -> float:
         return self.tokens / self.seconds
+
+
+class DirectWorker:
+    """llama-cpp-python in a child process (`--direct-worker`), driven one request at a time."""
+
+    def __init__(self, threads: int, threads_batch: int) -> None:
+        cmd = [sys.executable, "-m", "bench.llamacpp", "--direct-worker", "--threads", str(threads),
+               "--threads-batch", str(threads_batch)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, prompt: str, max_tokens: int) -> Run:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"prompt": prompt, "max_tokens": max_tokens}) + "\n")
+        self.proc.stdin.flush()
+        reply = json.loads(self.proc.stdout.readline())
+        return Run(reply["tokens"], reply["seconds"], [reply["ttft_s"]])
+
+    def close(self) -> None:
+        if self.proc.stdin:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def direct_worker(threads: int, threads_batch: int) -> None:
+    """Serve `DirectWorker.run` requests on stdin/stdout."""
+    path = str(resolve_model_path("bundled:gemma3-270m"))
+    llm = Llama(path, n_ctx=N_CTX, n_batch=512, n_threads=threads, n_threads_batch=threads_batch, verbose=False)
+    for line in sys.stdin:
+        req = json.loads(line)
+        run = run_direct(llm, req["prompt"], req["max_tokens"])
+        print(json.dumps({"tokens": run.tokens, "seconds": run.seconds, "ttft_s": run.ttft_s[0]}), flush=True)
 
 
 def run_direct(llm: Llama, prompt: str, max_tokens: int) -> Run:
@@ -155,16 +189,16 @@ async def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-http", action="store_true")
+    parser.add_argument("--direct-worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.direct_worker:
+        direct_worker(args.threads, args.threads_batch or args.threads)
+        return
     path = str(resolve_model_path("bundled:gemma3-270m"))
     threads_batch = args.threads_batch or args.threads
     print(f"machine: {machine()}; threads={args.threads} threads_batch={threads_batch} max_tokens={args.max_tokens}")
 
-    t1, tn = step_ceiling(path, args.threads, threads_batch, args.concurrency)
-    print(f"raw llama_decode step: 1 seq {t1:.1f} ms, {args.concurrency} seqs {tn:.1f} ms -> "
-          f"batching ceiling {args.concurrency * t1 / tn:.2f}x")
-
-    llm = Llama(path, n_ctx=N_CTX, n_batch=512, n_threads=args.threads, n_threads_batch=threads_batch, verbose=False)
+    direct_proc = DirectWorker(args.threads, threads_batch)
     backend = LlamaCppBackend("gemma", LlamaCppBackendConfig(
         n_ctx=N_CTX, n_threads=args.threads, n_threads_batch=threads_batch, parallel=args.concurrency))
     await backend.start()
@@ -191,7 +225,7 @@ async def main() -> None:
 
     results: dict[str, list[Run]] = {k: [] for k in ("direct", "backend1", "backendN", "http1", "httpN")}
     try:
-        run_direct(llm, PROMPTS[-1], 8)  # warm-up: first-call allocations, page cache
+        await asyncio.to_thread(direct_proc.run, PROMPTS[-1], 8)  # warm-up: first-call allocations
         await concurrent(b_stream, args.concurrency, 8)
         if client:
             await concurrent(h_stream, args.concurrency, 8)
@@ -199,7 +233,7 @@ async def main() -> None:
             # A new prompt each round: llama-cpp-python reuses the KV of an identical previous
             # prompt, which would hand the direct path a free prefill.
             prompt = PROMPTS[r % len(PROMPTS)]
-            results["direct"].append(await asyncio.to_thread(run_direct, llm, prompt, args.max_tokens))
+            results["direct"].append(await asyncio.to_thread(direct_proc.run, prompt, args.max_tokens))
             results["backend1"].append(await concurrent(b_stream, 1, args.max_tokens, first=r))
             results["backendN"].append(await concurrent(b_stream, args.concurrency, args.max_tokens))
             if client:
@@ -207,12 +241,18 @@ async def main() -> None:
                 results["httpN"].append(await concurrent(h_stream, args.concurrency, args.max_tokens))
         cold_ms, warm_ms = await prefix_ttft(backend, args.repeats)
     finally:
+        direct_proc.close()
         await backend.close()
         if client:
             await client.aclose()
         if server:
             server.stop()
 
+    # Last, after the backend is gone: a model loaded (even freed) earlier in a process slowed the
+    # next one's 8-stream runs by 10-20% here, so the backend under test is this process's first.
+    t1, tn = step_ceiling(path, args.threads, threads_batch, args.concurrency)
+    print(f"raw llama_decode step: 1 seq {t1:.1f} ms, {args.concurrency} seqs {tn:.1f} ms -> "
+          f"batching ceiling {args.concurrency * t1 / tn:.2f}x")
     direct = median(results["direct"])
     print(f"{'path':<28}{'tok/s':>9}{'TTFT p50 ms':>13}{'TTFT max ms':>13}")
     labels = {"direct": "llama-cpp-python direct x1", "backend1": "aibox backend x1", "http1": "aibox HTTP x1",
