@@ -9,6 +9,7 @@ Directives in the prompt drive fault tests:
     [[unavailable]]   raise BackendUnavailable before the first token (retriable)
     [[fail-after:N]]  raise BackendError after N tokens
     [[hang]]          never produce a token
+    [[bug-after:N]]   raise RuntimeError after N tokens (a bug in a backend, not a BackendError)
     [[echo]]          output the prompt's last message instead of the script
 
 Config `fail_after_tokens = N` makes one deployment die (retriably) after N chunks, for failover tests.
@@ -35,6 +36,7 @@ from gateway.settings import FakeBackendConfig
 
 _TOKEN = re.compile(r"\s*\S+")
 _FAIL_AFTER = re.compile(r"\[\[fail-after:(\d+)\]\]")
+_BUG_AFTER = re.compile(r"\[\[bug-after:(\d+)\]\]")
 
 
 def tokenize(text: str) -> list[str]:
@@ -101,6 +103,7 @@ class FakeBackend:
             raise BackendUnavailable(f"backend {self.name!r} is unavailable (scripted)")
         fail_after = int(m.group(1)) if (m := _FAIL_AFTER.search(prompt)) else None
         dies_after = cfg.fail_after_tokens or None
+        bug_after = int(m.group(1)) if (m := _BUG_AFTER.search(prompt)) else None
         max_tokens = min(request.max_tokens or budget, budget)
         script = self._output_tokens(request, prompt)
 
@@ -111,6 +114,10 @@ class FakeBackend:
             if cfg.first_token_delay_s:
                 await asyncio.sleep(cfg.first_token_delay_s)
             async for chunk in self._emit(script, max_tokens, request.sampling.stop, num_prompt, fail_after):
+                if bug_after is not None and chunk.text:
+                    bug_after -= 1
+                    if bug_after < 0:
+                        raise RuntimeError("scripted bug mid-stream")
                 if dies_after is not None and chunk.text:
                     dies_after -= 1
                     if dies_after < 0:

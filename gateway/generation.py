@@ -13,6 +13,7 @@ import msgspec
 
 from backends.base import Backend, BackendError, BackendTimeout, Chunk, GenerationRequest, Usage
 from gateway.context import Call, Services
+from gateway.convert import estimate_prompt_tokens
 from gateway.errors import Unavailable, from_backend_error
 from policies import routing
 
@@ -133,49 +134,55 @@ class Choice:
 
 
 class Watchdog:
-    """The idle and total deadlines of one stream, with one timer per stream rather than one per
-    chunk (a per-chunk `asyncio.timeout` was ~12% of the gateway's CPU on short streams). It only
-    fires while we wait on the backend, never while a slow client applies backpressure."""
+    """The idle and total deadlines of one stream, with at most one timer per idle period rather
+    than one per chunk (a per-chunk `asyncio.timeout` was ~12% of the gateway's CPU on short
+    streams). The idle clock runs only while we wait on the backend, never while a slow client
+    applies backpressure."""
 
     __slots__ = ("loop", "deadline", "idle_s", "last", "task", "fired", "handle")
 
     def __init__(self, deadline: float, idle_s: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.deadline, self.idle_s = deadline, idle_s
-        self.last = self.loop.time()
+        self.last = self.loop.time()  # when the current wait began
         self.task: asyncio.Task[object] | None = None  # set while waiting on the backend
         self.fired = False
-        self.handle = self.loop.call_at(self._due(), self._check)
+        self.handle: asyncio.TimerHandle | None = None
 
     def _due(self) -> float:
         return min(self.deadline, self.last + self.idle_s)
 
     def _check(self) -> None:
+        self.handle = None
+        if self.task is None:
+            return  # not waiting: the next wait re-arms
         due = self._due()
-        if self.task is not None and self.loop.time() >= due:
+        if self.loop.time() >= due:
             self.fired = True
             self.task.cancel()
         else:
-            self.handle = self.loop.call_at(max(due, self.loop.time() + 0.001), self._check)
+            self.handle = self.loop.call_at(due, self._check)
 
     async def next(self, it: AsyncIterator[Chunk]) -> Chunk | None:
         """The next chunk, None at the end, or BackendTimeout when a deadline passes."""
+        self.last = self.loop.time()
         self.task = asyncio.current_task()
+        if self.handle is None:
+            self.handle = self.loop.call_at(self._due(), self._check)
         try:
             return await anext(it)
         except StopAsyncIteration:
             return None
         except asyncio.CancelledError:
-            if not self.fired or self.task is None:
-                raise
-            self.task.uncancel()
+            if not self.fired or self.task is None or self.task.uncancel() > 0:
+                raise  # a real cancellation (client gone, shutdown), also when it raced our timeout
             raise BackendTimeout("The backend stopped producing output (deadline exceeded).") from None
         finally:
             self.task = None
-            self.last = self.loop.time()
 
     def close(self) -> None:
-        self.handle.cancel()
+        if self.handle is not None:
+            self.handle.cancel()
 
 
 async def merge(opened: Opened, deadline: float, idle_s: float) -> AsyncIterator[tuple[int, Chunk]]:
@@ -232,17 +239,22 @@ def new_choices(call: Call, subs: list[GenerationRequest]) -> list[Choice]:
 
 
 def totals(call: Call, choices: list[Choice], subs: list[GenerationRequest]) -> None:
-    # The prompt is counted once per distinct prompt (n choices share it), as OpenAI does.
-    seen: set[int] = set()
+    """Usage of the whole request. The prompt is counted once per distinct prompt (n choices share
+    it), as OpenAI does. A prompt none of whose choices finished (timeout, error, disconnect) was
+    still processed: it is counted by estimate, so limits and quotas cannot be dodged by hanging up."""
+    counted: set[int] = set()
+    unfinished: dict[int, GenerationRequest] = {}
     prompt = completion = 0
     for c, sub in zip(choices, subs, strict=True):
         key = id(sub.messages) if sub.messages is not None else id(sub.prompt)
         if c.usage is not None:
-            if key not in seen:
+            if key not in counted:
                 prompt += c.usage.prompt_tokens
-                seen.add(key)
+                counted.add(key)
             completion += c.usage.completion_tokens
         else:
             completion += c.num_chunks  # cut short: count what was produced
+            unfinished.setdefault(key, sub)
+    prompt += sum(estimate_prompt_tokens([sub]) for key, sub in unfinished.items() if key not in counted)
     call.prompt_tokens, call.completion_tokens = prompt, completion
     call.finish_reason = choices[0].finish if choices else None

@@ -14,7 +14,7 @@ from litestar import Request, Response
 
 from backends.base import BackendError, GenerationRequest
 from gateway.context import Call, Services, finish, overhead_ms
-from gateway.errors import APIError, from_backend_error
+from gateway.errors import APIError, ServerError, from_backend_error
 from gateway.generation import Opened, aclose, merge, new_choices, open_with_failover, totals
 from gateway.schemas import encoder
 from gateway.streaming import DONE, KEEPALIVE, ResponseShape, error_event
@@ -58,6 +58,10 @@ async def respond_json(
                 log.warning("deployment %s failed mid-generation for %s; retrying on the next", current.attempt.backend, call.request_id)
                 call.retries += 1
                 remaining, choices = rest, new_choices(call, subs)
+            except Exception:  # a bug in a backend: end the attempt (in-flight count) and fail with 500
+                end_attempt(services, call, current, ok=False, retriable=True)
+                opened = None
+                raise
             finally:
                 for it in current.iters:
                     await aclose(it)
@@ -162,6 +166,12 @@ async def stream(
             err = from_backend_error(exc)
             call.fail(err)
             log.warning("stream %s failed mid-way: %s", call.request_id, exc.message)
+            yield error_event(err.body())
+        except Exception:  # a bug in a backend: still a clean error event, [DONE] and a 500 row
+            ok, retriable = False, True
+            log.exception("stream %s failed mid-way with an unexpected error", call.request_id)
+            err = ServerError("The server had an error while processing your request.")
+            call.fail(err)
             yield error_event(err.body())
         totals(call, choices, subs)
         if ok and shape.include_usage:

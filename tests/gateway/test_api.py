@@ -203,3 +203,15 @@ def test_health_and_ready(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     ready = httpx.get(server.url + "/ready").json()
     assert ready["status"] == "ready" and ready["backends"]["f"]["ready"] is True
+
+
+def test_a_backend_bug_mid_stream_is_a_clean_500_and_frees_the_deployment(server, client):
+    with pytest.raises(openai.InternalServerError):
+        chat(client, messages=[{"role": "user", "content": "[[bug-after:1]]"}], max_tokens=5)
+    body = {"model": "m", "messages": [{"role": "user", "content": "[[bug-after:1]]"}], "stream": True, "max_tokens": 5}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", json=body) as r:
+        events = [line.removeprefix("data: ") for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    assert msgspec.json.decode(events[-2])["error"]["type"] == "server_error"
+    ready = httpx.get(server.url + "/ready").json()
+    assert ready["routing"]["f"]["in_flight"] == 0 and ready["backends"]["f"]["in_flight"] == 0
