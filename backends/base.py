@@ -131,6 +131,15 @@ class ContextLengthExceeded(BackendRequestError):
     def __init__(self, message: str) -> None:
         super().__init__(message, param="messages")
 
+    @classmethod
+    def for_request(cls, context_length: int, num_prompt: int, max_tokens: int) -> ContextLengthExceeded:
+        """OpenAI's wording, with the numbers, for every backend."""
+        return cls(
+            f"This model's maximum context length is {context_length} tokens. However, you requested "
+            f"{num_prompt + max_tokens} tokens ({num_prompt} in the prompt, {max_tokens} for the "
+            "completion). Please reduce the length of the prompt or max_tokens."
+        )
+
 
 @runtime_checkable
 class Backend(Protocol):

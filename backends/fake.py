@@ -92,11 +92,7 @@ class FakeBackend:
         num_prompt = len(tokenize(prompt))
         budget = cfg.context_length - num_prompt
         if budget <= 0 or (request.max_tokens is not None and request.max_tokens > budget):
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {cfg.context_length} tokens. However, you requested "
-                f"{num_prompt + (request.max_tokens or 0)} tokens ({num_prompt} in the prompt, "
-                f"{request.max_tokens or 0} for the completion)."
-            )
+            raise ContextLengthExceeded.for_request(cfg.context_length, num_prompt, request.max_tokens or 0)
         if "[[fail]]" in prompt:
             raise BackendError("scripted failure before the first token")
         if "[[unavailable]]" in prompt:

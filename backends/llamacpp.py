@@ -121,12 +121,7 @@ class LlamaCppBackend:
         # No max_tokens: up to the end of the context, which needs room for at least one token.
         max_tokens = request.max_tokens or max(1, n_ctx - len(prompt_tokens))
         if len(prompt_tokens) + max_tokens > n_ctx:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
-                f"{len(prompt_tokens) + max_tokens} tokens ({len(prompt_tokens)} in the prompt, "
-                f"{max_tokens} for the completion). Please reduce the length of the prompt or "
-                "max_tokens."
-            )
+            raise ContextLengthExceeded.for_request(n_ctx, len(prompt_tokens), max_tokens)
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Chunk | BaseException] = asyncio.Queue()
 

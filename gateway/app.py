@@ -6,7 +6,6 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
 
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
@@ -135,7 +134,3 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
         debug=False,
         logging_config=None,
     )
-
-
-def app_state_services(app: Litestar) -> Any:
-    return app.state.services

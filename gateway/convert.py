@@ -148,12 +148,17 @@ def _choice_sampling(sampling: SamplingParams, index: int) -> SamplingParams:
     return msgspec.structs.replace(sampling, seed=sampling.seed + index)
 
 
+def prompt_key(request: GenerationRequest) -> int:
+    """Identity of a request's prompt: the n choices of one prompt share the same object."""
+    return id(request.messages) if request.messages is not None else id(request.prompt)
+
+
 def estimate_prompt_tokens(requests: list[GenerationRequest]) -> int:
     """A cheap upper-ish estimate (~4 chars/token) for rate-limit reservation; reconciled later."""
     seen: set[int] = set()
     chars = 0
     for r in requests:
-        key = id(r.messages) if r.messages is not None else id(r.prompt)
+        key = prompt_key(r)
         if key in seen:
             continue
         seen.add(key)

@@ -13,7 +13,7 @@ import msgspec
 
 from backends.base import Backend, BackendError, BackendTimeout, Chunk, GenerationRequest, Usage
 from gateway.context import Call, Services
-from gateway.convert import estimate_prompt_tokens
+from gateway.convert import estimate_prompt_tokens, prompt_key
 from gateway.errors import Unavailable, from_backend_error
 from policies import routing
 
@@ -246,7 +246,7 @@ def totals(call: Call, choices: list[Choice], subs: list[GenerationRequest]) -> 
     unfinished: dict[int, GenerationRequest] = {}
     prompt = completion = 0
     for c, sub in zip(choices, subs, strict=True):
-        key = id(sub.messages) if sub.messages is not None else id(sub.prompt)
+        key = prompt_key(sub)
         if c.usage is not None:
             if key not in counted:
                 prompt += c.usage.prompt_tokens

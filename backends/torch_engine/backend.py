@@ -155,11 +155,7 @@ class TorchBackend:
         num_prompt = len(prompt_ids)
         budget = self.context_length - num_prompt
         if budget <= 0 or (request.max_tokens is not None and request.max_tokens > budget):
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {self.context_length} tokens. However, you requested "
-                f"{num_prompt + (request.max_tokens or 0)} tokens ({num_prompt} in the prompt, "
-                f"{request.max_tokens or 0} for the completion)."
-            )
+            raise ContextLengthExceeded.for_request(self.context_length, num_prompt, request.max_tokens or 0)
         max_tokens = request.max_tokens if request.max_tokens is not None else budget
         if max_tokens < 1:
             raise BackendRequestError("max_tokens must be at least 1", param="max_tokens")

@@ -20,16 +20,16 @@ def readiness(state: State) -> tuple[bool, dict[str, Any]]:
     services = getattr(state, "services", None)
     if services is None:
         return False, {"status": "starting"}
-    backends = {name: b.info() for name, b in services.backends.items()}
+    infos = {name: b.info() for name, b in services.backends.items()}
     detail: dict[str, Any] = {
         "draining": bool(getattr(state, "draining", False)),
         "backends": {
-            name: {"ready": i.ready, "type": i.type, "model_id": i.model_id, **i.detail, **b.stats()}
-            for (name, i), b in zip(backends.items(), services.backends.values(), strict=True)
+            name: {"ready": i.ready, "type": i.type, "model_id": i.model_id, **i.detail, **services.backends[name].stats()}
+            for name, i in infos.items()
         },
-        "routing": services.router.state() if hasattr(services.router, "state") else {},
+        "routing": services.router.state(),
     }
-    ok = not detail["draining"] and all(i.ready for i in backends.values())
+    ok = not detail["draining"] and all(i.ready for i in infos.values())
     load_errors = getattr(state, "load_errors", {})
     if load_errors:
         detail["load_errors"] = load_errors
