@@ -32,7 +32,7 @@ class Services:
     audit: Any | None = None  # gateway.audit.AuditStore; None when audit is disabled
     metrics: Any | None = None  # gateway.metrics.Metrics
     background: set[asyncio.Task[Any]] = field(default_factory=set)  # cleanup of aborted requests
-    in_flight: int = 0
+    in_flight: int = 0  # calls begun and not yet finished (streams count until their last byte)
 
 
 @dataclass
@@ -70,6 +70,7 @@ class Call:
     reservation: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
+    counted: bool = False  # in services.in_flight; uncounted once, by finish() or the handler
     echo: list[str] | None = None  # completions `echo`: the prompt of each choice, prepended by us
     scope: dict[str, Any] | None = None  # the ASGI scope: tells a drain abort from a client leaving
 
@@ -96,7 +97,7 @@ async def finish(services: Services, call: Call) -> None:
     # HOOK(audit)
     if services.audit is not None:
         try:
-            await services.audit.record(_audit_record(call))
+            await services.audit.record(_audit_record(call), alone=services.in_flight <= 1)
         except Exception:
             log.exception("audit record failed for %s", call.request_id)
     # HOOK(metrics)
@@ -106,6 +107,18 @@ async def finish(services: Services, call: Call) -> None:
         except Exception:
             log.exception("metrics failed for %s", call.request_id)
     request_log.log_call(call)
+    uncount(services, call)
+
+
+def count(services: Services, call: Call) -> None:
+    services.in_flight += 1
+    call.counted = True
+
+
+def uncount(services: Services, call: Call) -> None:
+    if call.counted:
+        call.counted = False
+        services.in_flight -= 1
 
 
 def _audit_record(call: Call) -> Any:

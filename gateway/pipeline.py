@@ -20,7 +20,7 @@ from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
 
 from gateway import convert
-from gateway.context import Call, Services, finish, overhead_ms
+from gateway.context import Call, Services, count, finish, overhead_ms, uncount
 from gateway.errors import (
     APIError,
     Forbidden,
@@ -54,9 +54,11 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
     call.scope = request.scope  # type: ignore[assignment]
     retry_hdr = request.headers.get("x-stainless-retry-count")
     call.client_retry_count = int(retry_hdr) if retry_hdr and retry_hdr.isdigit() else None
-    services.in_flight += 1
+    count(services, call)
+    response: Response[Any] | None = None
     try:
-        return await _handle(services, request, call)
+        response = await _handle(services, request, call)
+        return response
     except APIError as err:
         call.fail(err)
         await finish(services, call)
@@ -68,7 +70,8 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
         await finish(services, call)
         return _error_response(err, call)
     finally:
-        services.in_flight -= 1
+        if not isinstance(response, Stream):  # a stream's generator calls finish() at its end
+            uncount(services, call)
 
 
 async def _handle(services: Services, request: Request[Any, Any, Any], call: Call) -> Response[Any]:

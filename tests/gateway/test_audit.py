@@ -255,3 +255,52 @@ async def test_checkpoints_run_off_the_commit_path(db_path: Path) -> None:
     assert busy == 0 and copied == wal_frames  # everything reached the database file
     await store.close()
     assert not Path(str(db_path) + "-wal").exists() or Path(str(db_path) + "-wal").stat().st_size == 0
+
+
+async def test_lone_request_commits_on_the_loop(db_path: Path) -> None:
+    store = await started(db_path)
+    assert await store.record(make_row(0), alone=True) is True
+    assert store.stats()["inline_commits"] == 1  # no hand-off to the writer thread
+    assert await store.record(make_row(1)) is True  # concurrent callers keep the group commit
+    stats = store.stats()
+    await store.close()
+    assert (stats["inline_commits"], stats["rows_written"]) == (1, 2)
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0", "chatcmpl-1"]
+    (day,) = rows(db_path, "SELECT * FROM daily_usage")
+    assert day["requests"] == 2
+
+
+async def test_inline_commit_never_waits_on_a_lock(db_path: Path) -> None:
+    """Another writer holds the database: the lone row goes to the writer thread at once
+    (the loop is not blocked for busy_timeout), and is committed when the lock goes."""
+    store = await started(db_path, commit_wait_s=5.0)
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.005)
+            ticks += 1
+
+    tick_task = asyncio.ensure_future(ticker())
+    record = asyncio.ensure_future(store.record(make_row(0), alone=True))
+    await asyncio.sleep(0.3)
+    assert not record.done() and ticks >= 20  # waiting for the writer, and the loop kept running
+    locker.execute("COMMIT")
+    locker.close()
+    assert await record is True
+    tick_task.cancel()
+    stats = store.stats()
+    await store.close()
+    assert (stats["inline_commits"], stats["rows_written"]) == (0, 1)
+    assert len(rows(db_path)) == 1
+
+
+async def test_no_inline_commit_with_synchronous_full(db_path: Path) -> None:
+    store = await started(db_path, synchronous="full")  # an fsync must not run on the loop
+    assert await store.record(make_row(0), alone=True) is True
+    stats = store.stats()
+    await store.close()
+    assert (stats["inline_commits"], stats["rows_written"]) == (0, 1)

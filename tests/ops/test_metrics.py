@@ -196,3 +196,14 @@ def test_two_uvicorn_workers_share_one_metrics_view(tmp_path: Path) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_requests_in_flight_counts_streams_until_their_last_byte() -> None:
+    doc = config(fake={"tokens_per_s": 20.0})  # a 10-token stream lasts ~0.5 s
+    with serve(settings_from(doc)) as live, httpx.Client(base_url=live.url, timeout=10) as client:
+        with client.stream("POST", "/v1/chat/completions", json=chat(max_tokens=10, stream=True)) as r:
+            lines = r.iter_lines()
+            assert next(line for line in lines if line.startswith("data: "))  # streaming now
+            assert value(client.get("/metrics").text, "aibox_requests_in_flight") == 1
+            assert "data: [DONE]" in list(lines)
+        assert value(client.get("/metrics").text, "aibox_requests_in_flight") == 0
