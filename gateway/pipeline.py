@@ -15,9 +15,10 @@ import time
 import uuid
 from typing import Any
 
-from litestar import Request, Response
+from litestar import Request
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 from litestar.response import Stream
+from litestar.response.streaming import ASGIStreamingResponse
 
 from gateway import convert
 from gateway.context import Call, Services, count, finish, overhead_ms, uncount
@@ -36,7 +37,7 @@ from gateway.errors import (
 from gateway.generation import open_with_failover
 from gateway.responders import respond_json, stream
 from gateway.schemas import encoder
-from gateway.streaming import ResponseShape
+from gateway.streaming import JSONResponse, ResponseShape
 from policies import auth as auth_policy
 from policies import routing
 
@@ -46,7 +47,7 @@ log = logging.getLogger("aibox.pipeline")
 
 
 # --------------------------------------------------------------------------- entry point
-async def handle(services: Services, request: Request[Any, Any, Any], endpoint: str) -> Response[Any]:
+async def handle(services: Services, request: Request[Any, Any, Any], endpoint: str) -> JSONResponse | ASGIStreamingResponse:
     """Serve one chat/completions request; every outcome is recorded."""
     prefix = "chatcmpl-" if endpoint == "chat.completions" else "cmpl-"
     call = Call(request_id=prefix + uuid.uuid4().hex, endpoint=endpoint, ts=time.time(), t0=time.perf_counter())
@@ -55,7 +56,7 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
     retry_hdr = request.headers.get("x-stainless-retry-count")
     call.client_retry_count = int(retry_hdr) if retry_hdr and retry_hdr.isdigit() else None
     count(services, call)
-    response: Response[Any] | None = None
+    response: JSONResponse | ASGIStreamingResponse | None = None
     try:
         response = await _handle(services, request, call)
         return response
@@ -70,11 +71,11 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
         await finish(services, call)
         return _error_response(err, call)
     finally:
-        if not isinstance(response, Stream):  # a stream's generator calls finish() at its end
+        if not isinstance(response, ASGIStreamingResponse):  # a stream's generator calls finish() at its end
             uncount(services, call)
 
 
-async def _handle(services: Services, request: Request[Any, Any, Any], call: Call) -> Response[Any]:
+async def _handle(services: Services, request: Request[Any, Any, Any], call: Call) -> JSONResponse | ASGIStreamingResponse:
     settings = services.settings
     # HOOK(auth)
     if services.authenticator is not None:
@@ -115,8 +116,8 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
     deadline = asyncio.get_running_loop().time() + (model.timeout_s or settings.server.request_timeout_s)
     include_usage = bool(body.stream_options and body.stream_options.include_usage)
     shape_for = lambda served: ResponseShape(call.endpoint, call.request_id, int(call.ts), served, include_usage)  # noqa: E731
-    open_task = asyncio.ensure_future(open_with_failover(services, call, attempts, subs, deadline))
     if call.stream:
+        open_task = asyncio.ensure_future(open_with_failover(services, call, attempts, subs, deadline))
         done, _ = await asyncio.wait({open_task}, timeout=settings.server.keepalive_s)
         if done:
             opened = open_task.result()  # raises APIError -> a real HTTP error status
@@ -125,8 +126,11 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
         else:
             gen = stream(services, call, None, subs, deadline, pending=open_task, shape_for=shape_for)
         call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
-        return Stream(gen, media_type="text/event-stream", headers={**call.headers, "cache-control": "no-cache"})
-    return await respond_json(services, request, call, subs, deadline, open_task, shape_for, attempts)
+        sse = Stream(gen, media_type="text/event-stream", headers={**call.headers, "cache-control": "no-cache"})
+        # As an ASGI app already: the route returns ASGIApp (see JSONResponse), and Litestar would
+        # otherwise let the route's default media type (JSON) override the stream's own.
+        return sse.to_asgi_response(app=None, request=request)
+    return await respond_json(services, request, call, subs, deadline, shape_for, attempts)
 
 
 # --------------------------------------------------------------------------- policies
@@ -167,6 +171,5 @@ def _request_id_header(request: Request[Any, Any, Any]) -> str | None:
     return None
 
 
-def _error_response(err: APIError, call: Call) -> Response[bytes]:
-    headers = {**call.headers, **err.headers}
-    return Response(content=encoder.encode(err.body()), status_code=err.status_code, media_type="application/json", headers=headers)
+def _error_response(err: APIError, call: Call) -> JSONResponse:
+    return JSONResponse(encoder.encode(err.body()), err.status_code, {**call.headers, **err.headers})

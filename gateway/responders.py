@@ -10,14 +10,14 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from litestar import Request, Response
+from litestar import Request
 
 from backends.base import BackendError, GenerationRequest
 from gateway.context import Call, Services, finish, overhead_ms
 from gateway.errors import APIError, ServerError, from_backend_error
 from gateway.generation import Opened, aclose, merge, new_choices, open_with_failover, totals
 from gateway.schemas import encoder
-from gateway.streaming import DONE, KEEPALIVE, ResponseShape, error_event
+from gateway.streaming import DONE, KEEPALIVE, JSONResponse, ResponseShape, error_event
 from policies import routing
 
 log = logging.getLogger("aibox.pipeline")
@@ -29,10 +29,9 @@ async def respond_json(
     call: Call,
     subs: list[GenerationRequest],
     deadline: float,
-    open_task: asyncio.Future[Opened],
     shape_for: Callable[[str], ResponseShape],
     attempts: list[routing.Attempt],
-) -> Response[Any]:
+) -> JSONResponse:
     """Join every choice into one JSON body. Nothing reaches the client until the end, so a
     deployment failing mid-generation is retried on the next one (the request starts over)."""
     choices = new_choices(call, subs)
@@ -40,11 +39,9 @@ async def respond_json(
 
     async def collect() -> None:
         nonlocal opened, choices
-        pending: asyncio.Future[Opened] | None = open_task
         remaining = attempts
         while True:
-            current = await pending if pending is not None else await open_with_failover(services, call, remaining, subs, deadline)
-            opened, pending = current, None
+            current = opened = await open_with_failover(services, call, remaining, subs, deadline)
             try:
                 async for i, chunk in merge(current, deadline, services.settings.server.idle_timeout_s):
                     choices[i].take(chunk)
@@ -79,7 +76,7 @@ async def respond_json(
         end_attempt(services, call, opened, ok=False)  # neither success nor the deployment's fault
         totals(call, choices, subs)
         await finish(services, call)
-        return Response(content=b"", status_code=499)
+        return JSONResponse(b"", 499)
     try:
         collector.result()
     except BackendError as exc:
@@ -96,7 +93,7 @@ async def respond_json(
         call.response_content = encoder.encode(texts).decode()
     await finish(services, call)  # committed before the client sees the body
     call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
-    return Response(content=encoder.encode(body), media_type="application/json", headers=call.headers)
+    return JSONResponse(encoder.encode(body), 200, call.headers)
 
 
 async def _wait_disconnect(request: Request[Any, Any, Any]) -> None:

@@ -16,6 +16,24 @@ DONE = b"data: [DONE]\n\n"
 KEEPALIVE = b": keep-alive\n\n"
 
 
+class JSONResponse:
+    """A finished JSON body as a bare ASGI app. A route annotated to return `ASGIApp` hands it
+    to the server as is, skipping Litestar's Response -> ASGIResponse conversion (header
+    normalisation, cookies, media-type checks): ~7% of a small request's CPU."""
+
+    __slots__ = ("body", "headers", "status_code")
+
+    def __init__(self, body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> None:
+        self.body = body
+        self.status_code = status_code
+        self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        self.headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+
+
 def sse(obj: Any) -> bytes:
     return b"data: " + encoder.encode(obj) + b"\n\n"
 

@@ -8,6 +8,7 @@ from typing import Any
 from litestar import Request, Response, get, post
 from litestar.datastructures import State
 from litestar.params import FromPath
+from litestar.types import ASGIApp
 
 from gateway import pipeline
 from gateway.errors import ModelNotFound, Unauthorized
@@ -25,12 +26,12 @@ def services_of(state: State) -> pipeline.Services:
 
 
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion", operation_class=ChatCompletionOperation)
-async def chat_completions(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+async def chat_completions(request: Request[Any, Any, Any], state: State) -> ASGIApp:
     return await pipeline.handle(services_of(state), request, "chat.completions")
 
 
 @post("/v1/completions", status_code=200, summary="Create a text completion", operation_class=CompletionOperation)
-async def completions(request: Request[Any, Any, Any], state: State) -> Response[Any]:
+async def completions(request: Request[Any, Any, Any], state: State) -> ASGIApp:
     return await pipeline.handle(services_of(state), request, "completions")
 
 

@@ -199,6 +199,25 @@ def test_request_id_header_echoed(server):
     assert float(r.headers["x-aibox-overhead-ms"]) >= 0
 
 
+@pytest.mark.parametrize(
+    ("body", "content_type"),
+    [
+        ({"max_tokens": 2}, "application/json"),
+        ({"max_tokens": 2, "stream": True}, "text/event-stream; charset=utf-8"),
+        ({"max_tokens": -1}, "application/json"),  # an error
+        ({"max_tokens": -1, "stream": True}, "application/json"),  # an error before the stream starts
+    ],
+)
+def test_response_headers(server, body, content_type):
+    r = httpx.post(server.url + "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "x"}], **body})
+    assert r.headers["content-type"] == content_type
+    assert r.headers["x-request-id"].startswith("chatcmpl-")
+    if content_type == "application/json":
+        assert int(r.headers["content-length"]) == len(r.content) and r.json()
+    else:
+        assert r.headers["cache-control"] == "no-cache" and r.text.endswith("data: [DONE]\n\n")
+
+
 def test_health_and_ready(server):
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
     ready = httpx.get(server.url + "/ready").json()
