@@ -207,8 +207,8 @@ class Gemma3Model:
             return h.new_empty(0, self.vocab_size, dtype=torch.float32)
         h = self._rms(h[batch.logits_index], self.final_norm)  # [N, E]: only rows we sample from
         logits = self.lm_head(h).float()  # [N, V]
-        if self.final_softcap is not None:
-            logits = torch.tanh(logits / self.final_softcap) * self.final_softcap
+        if self.final_softcap is not None:  # in place: [N, V] is 16 MB at N=16, three passes over it
+            logits.div_(self.final_softcap).tanh_().mul_(self.final_softcap)
         return logits
 
     def _attention(
