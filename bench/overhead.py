@@ -14,6 +14,12 @@ Goals (issue 8): p50 overhead <= 0.5 ms at c=1; >= 1,500 RPS per worker at c=32.
 
 The upstream is a raw asyncio server in its own process answering canned bytes (chunked SSE for
 `stream: true`, which is what the openai backend always asks for; a JSON body otherwise).
+
+    .venv/bin/python -m bench.overhead --floor        # what a relay costs before any aibox code
+
+`--floor` measures, at c=1 on the JSON path, the two relays aibox is built from, with none of its
+code: a bare uvicorn ASGI app that forwards each request through the same upstream client
+(`backends.upstream_http`), and the same relay as a one-route Litestar app.
 """
 
 from __future__ import annotations
@@ -22,12 +28,15 @@ import argparse
 import asyncio
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
 from typing import Any
 
-from backends.upstream_http import ConnectionPool
+from litestar import Litestar, Request, Response, post
+
+from backends.upstream_http import ConnectFailed, ConnectionPool
 from bench.harness import SECRET_ENV, Aibox, api_key, free_port, machine, percentile, temp_dir, write_config
 
 NUM_TOKENS = 8
@@ -73,6 +82,75 @@ async def _serve_upstream(port: int) -> None:
     server = await asyncio.start_server(handle, "127.0.0.1", port, backlog=1024)
     async with server:
         await server.serve_forever()
+
+
+# --------------------------------------------------------------------------- floor relays
+def _serve_relay(kind: str, port: int, up_port: int) -> None:
+    """A relay with no aibox code: read the body, forward it upstream (streamed, as the openai
+    backend asks), answer the upstream bytes as one JSON body."""
+    import uvicorn
+
+    pool: list[ConnectionPool] = []
+
+    async def forward() -> bytes:
+        if not pool:
+            pool.append(ConnectionPool(f"http://127.0.0.1:{up_port}", max_connections=64, connect_timeout_s=5))
+        resp = await pool[0].request("POST", "/v1/chat/completions", b'{"stream":true}', {"content-type": "application/json"})
+        data = await resp.aread()
+        await resp.aclose()
+        return data
+
+    async def raw(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        while (await receive()).get("more_body"):
+            pass
+        out = await forward()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": out})
+
+    app: Any = raw
+    if kind == "litestar":
+
+        @post("/v1/chat/completions", status_code=200)
+        async def relay(request: Request[Any, Any, Any]) -> Response[bytes]:
+            await request.body()
+            return Response(content=await forward(), media_type="application/json")
+
+        app = Litestar([relay], debug=False, logging_config=None)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+
+
+def _floor(up_port: int, n: int) -> None:
+    body, headers = _body(False, "tiny"), {"content-type": "application/json"}
+    rows = []
+    for kind in ("direct", "uvicorn", "litestar"):
+        port, relay = up_port, None
+        if kind != "direct":
+            port = free_port()
+            relay = subprocess.Popen([sys.executable, "-m", "bench.overhead", "--relay", kind, str(port), str(up_port)])
+        url = f"http://127.0.0.1:{port}"
+        try:
+            for _ in range(100):  # wait for it to listen
+                try:
+                    asyncio.run(_measure(url, "/v1/chat/completions", body, headers, 10, 1))
+                    break
+                except (OSError, ConnectFailed):
+                    time.sleep(0.1)
+            asyncio.run(_measure(url, "/v1/chat/completions", body, headers, min(n, 500), 1))  # warm-up
+            rows.append((kind, [asyncio.run(_measure(url, "/v1/chat/completions", body, headers, n, 1))["p50"] for _ in range(3)]))
+        finally:
+            if relay is not None:
+                relay.terminate()
+                relay.wait()
+    direct = statistics.median(rows[0][1])
+    print(f"machine: {machine()}")
+    print("| relay (c=1, JSON) | p50 ms, 3 runs | median p50 | overhead vs direct |")
+    print("|---|---|---|---|")
+    for kind, p50s in rows:
+        med = statistics.median(p50s)
+        print(f"| {kind} | {' / '.join(f'{v:.3f}' for v in p50s)} | {med:.3f} | {med - direct:.3f} |")
 
 
 # --------------------------------------------------------------------------- measuring
@@ -122,14 +200,26 @@ def main() -> int:
     p.add_argument("--n32", type=int, default=10000, help="requests at concurrency 32")
     p.add_argument("--disable", default="", help="comma list of auth,ratelimit,audit to turn off (ablation)")
     p.add_argument("--modes", default="json,sse", help="json,sse")
+    p.add_argument("--floor", action="store_true", help="measure bare uvicorn and Litestar relays instead (c=1, JSON)")
     p.add_argument("--upstream", type=int, default=None, help=argparse.SUPPRESS)  # child mode
+    p.add_argument("--relay", nargs=3, default=None, help=argparse.SUPPRESS)  # child mode: KIND PORT UPSTREAM_PORT
     args = p.parse_args()
     if args.upstream is not None:
         asyncio.run(_serve_upstream(args.upstream))
         return 0
+    if args.relay is not None:
+        _serve_relay(args.relay[0], int(args.relay[1]), int(args.relay[2]))
+        return 0
 
     up_port = free_port()
     upstream = subprocess.Popen([sys.executable, "-m", "bench.overhead", "--upstream", str(up_port)])
+    if args.floor:
+        try:
+            _floor(up_port, args.n1)
+        finally:
+            upstream.terminate()
+            upstream.wait()
+        return 0
     folder = temp_dir("aibox-overhead-")
     big = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
     tables = {
