@@ -80,7 +80,7 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
     # HOOK(auth)
     if services.authenticator is not None:
         try:
-            call.principal = services.authenticator.authenticate(request.headers.get("authorization"))
+            call.principal = await services.authenticator.authenticate_async(request.headers.get("authorization"))
         except auth_policy.AuthError as exc:
             raise Unauthorized(exc.message) from None
     body = convert.decode_body(await _read_body(request, settings.server.max_body_bytes), call.endpoint, settings.server)

@@ -29,7 +29,7 @@ from typing import Any
 import jwt
 
 from gateway.settings import AuthSettings, ConfigError, Settings
-from policies.jwks import JwksCache
+from policies.jwks import JwksCache, RefreshNeeded
 from policies.revocation import RevocationList, revocation_path
 
 log = logging.getLogger("aibox.auth")
@@ -127,8 +127,27 @@ class Authenticator:
         # exp and sub are always required; config may add more (e.g. jti, iat).
         self._options: dict[str, Any] = {"require": list(dict.fromkeys(["exp", "sub", *settings.required_claims]))}
 
+    async def close(self) -> None:
+        """Stop the JWKS refresh thread, if any."""
+        if self._jwks is not None:
+            self._jwks.close()
+
+    async def authenticate_async(self, header: str | None) -> Principal:
+        """`authenticate()` for the event loop: when the token names a JWKS key we do not have
+        and a key-set reload is allowed, wait for that reload (off the loop) and verify again."""
+        try:
+            return self.authenticate(header)
+        except RefreshNeeded:
+            assert self._jwks is not None
+            await self._jwks.refresh()
+        try:
+            return self.authenticate(header)
+        except RefreshNeeded:  # a reload is running again already: do not wait twice
+            raise AuthError("Token key id (kid) is unknown.") from None
+
     def authenticate(self, header: str | None) -> Principal:
-        """`Authorization` header value -> Principal; raises AuthError (401) otherwise."""
+        """`Authorization` header value -> Principal; raises AuthError (401) otherwise, or
+        RefreshNeeded (JWKS only; see `authenticate_async`, which handles it)."""
         if not header or not header.strip():
             raise AuthError("Missing bearer token: send your API key as 'Authorization: Bearer <token>'.")
         # Size first: nothing is parsed (not even split) for absurdly large input.

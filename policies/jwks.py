@@ -4,15 +4,22 @@ Keys are looked up by `kid`. The set is reloaded when it is older than `refresh_
 unknown `kid` triggers a reload at most once per `refresh_s` (so a flood of tokens with random
 key ids cannot hammer the identity provider). A failed reload keeps the last good set.
 
-The URL fetch is synchronous with a short timeout and happens at most once per `refresh_s`;
-`load()` is called at construction so the first request never waits on the network.
+Nothing blocks the event loop: `load()` runs once at construction (startup), and every later
+reload runs on a refresh thread. A stale set is refreshed in the background while the cached
+keys keep serving. A token whose `kid` is unknown while a reload is allowed raises
+`RefreshNeeded`: the async caller awaits `refresh()` (the same reload, shared by every request
+that asked) and verifies again, so a key rotated in at the identity provider is picked up
+without a blocking fetch and without failing the requests that first carry it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +37,10 @@ _MAX_JWKS_BYTES = 1_000_000
 def _fetch_url(url: str) -> bytes:
     with urllib.request.urlopen(url, timeout=3.0) as resp:  # noqa: S310 (admin-configured URL)
         return resp.read(_MAX_JWKS_BYTES)
+
+
+class RefreshNeeded(Exception):
+    """Unknown `kid` and a reload is allowed or running: await `JwksCache.refresh()`, then retry."""
 
 
 class JwksCache:
@@ -51,6 +62,9 @@ class JwksCache:
         self._keys: dict[str | None, tuple[str | None, Any]] = {}
         self._loaded_at = float("-inf")
         self.num_loads = 0
+        self._lock = threading.Lock()
+        self._executor: ThreadPoolExecutor | None = None  # created on the first reload
+        self._inflight: Future[None] | None = None
         try:
             self.load()
         except (OSError, ValueError, jwt.PyJWTError) as exc:
@@ -75,27 +89,50 @@ class JwksCache:
         self._keys = keys
         self.num_loads += 1
 
-    def _maybe_reload(self) -> None:
-        if self._clock() - self._loaded_at < self.refresh_s:
-            return
+    def _reload_logged(self) -> None:
         try:
             self.load()
         except (OSError, ValueError, jwt.PyJWTError) as exc:
             log.warning("JWKS reload failed (keeping %d cached keys): %s", len(self._keys), exc)
 
+    def _start_reload(self) -> Future[None] | None:
+        """The running reload, else a new one if the set is older than `refresh_s`, else None."""
+        with self._lock:
+            if self._inflight is not None and not self._inflight.done():
+                return self._inflight
+            if self._clock() - self._loaded_at < self.refresh_s:
+                return None
+            self._loaded_at = self._clock()  # a failed reload also spends the interval's budget
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="aibox-jwks")
+            self._inflight = self._executor.submit(self._reload_logged)
+            return self._inflight
+
+    async def refresh(self) -> None:
+        """Wait for the running (or a newly allowed) reload; returns at once if none is allowed."""
+        reload = self._start_reload()
+        if reload is not None:
+            await asyncio.wrap_future(reload)
+
     def key_for(self, kid: str | None, alg: str) -> Any:
-        """The key for `kid` usable with `alg`, or None. A lone key serves tokens without kid."""
-        self._maybe_reload()  # stale set: refresh (rate-limited)
+        """The key for `kid` usable with `alg`, or None. A lone key serves tokens without kid.
+
+        Never blocks: a stale set is refreshed in the background; an unknown `kid` raises
+        RefreshNeeded while a reload is allowed or running."""
+        reload = self._start_reload()  # stale set: refresh in the background, serve the cached keys
         found = self._lookup(kid)
-        if found is None and kid is not None:
-            self._maybe_reload()  # unknown kid: at most one refresh per interval
-            found = self._lookup(kid)
+        if found is None and kid is not None and reload is not None:
+            raise RefreshNeeded(kid)
         if found is None:
             return None
         key_alg, key = found
         if key_alg is not None and key_alg != alg:
             return None  # the key is pinned to another algorithm
         return key
+
+    def close(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
     def _lookup(self, kid: str | None) -> tuple[str | None, Any] | None:
         if kid is None:

@@ -35,11 +35,11 @@ async def completions(request: Request[Any, Any, Any], state: State) -> ASGIApp:
     return await pipeline.handle(services_of(state), request, "completions")
 
 
-def _principal(services: pipeline.Services, request: Request[Any, Any, Any]) -> Principal:
+async def _principal(services: pipeline.Services, request: Request[Any, Any, Any]) -> Principal:
     if services.authenticator is None:
         return ANONYMOUS
     try:
-        return services.authenticator.authenticate(request.headers.get("authorization"))
+        return await services.authenticator.authenticate_async(request.headers.get("authorization"))
     except auth_policy.AuthError as exc:
         raise Unauthorized(exc.message) from None
 
@@ -62,7 +62,7 @@ def _model_card(services: pipeline.Services, model: Any) -> dict[str, Any]:
 @get("/v1/models", summary="List the models this caller may use")
 async def list_models(request: Request[Any, Any, Any], state: State) -> Response[Any]:
     services = services_of(state)
-    principal = _principal(services, request)
+    principal = await _principal(services, request)
     data = [_model_card(services, m) for m in services.router.visible_models(principal)]
     return Response(content=encoder.encode({"object": "list", "data": data}), media_type="application/json")
 
@@ -70,7 +70,7 @@ async def list_models(request: Request[Any, Any, Any], state: State) -> Response
 @get("/v1/models/{model_id:path}", summary="Retrieve a model")
 async def get_model(model_id: FromPath[str], request: Request[Any, Any, Any], state: State) -> Response[Any]:
     services = services_of(state)
-    principal = _principal(services, request)
+    principal = await _principal(services, request)
     model_id = model_id.lstrip("/")
     try:
         model = services.router.resolve(model_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -230,7 +231,7 @@ def _jwks(*pairs: tuple[str, rsa.RSAPrivateKey]) -> str:
     return json.dumps({"keys": keys})
 
 
-def test_jwks_unknown_kid_refreshes_at_most_once_per_interval(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
+async def test_jwks_unknown_kid_refreshes_at_most_once_per_interval(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
     new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     path = tmp_path / "jwks.json"
     path.write_text(_jwks(("k1", rsa_key)))
@@ -239,19 +240,64 @@ def test_jwks_unknown_kid_refreshes_at_most_once_per_interval(tmp_path: Path, rs
     auth = Authenticator(AuthSettings(algorithms=["RS256"], jwks_file=str(path)), jwks=cache)
     old_token = jwt.encode(claims(iss=None, aud=None), rsa_key, algorithm="RS256", headers={"kid": "k1"})
     new_token = jwt.encode(claims(iss=None, aud=None), new_key, algorithm="RS256", headers={"kid": "k2"})
-    assert auth.authenticate(f"Bearer {old_token}").subject == "alice"
+    assert (await auth.authenticate_async(f"Bearer {old_token}")).subject == "alice"
     path.write_text(_jwks(("k1", rsa_key), ("k2", new_key)))  # the IdP rotates keys
     for _ in range(5):  # a burst of unknown kids inside the interval: no reload
         with pytest.raises(AuthError, match="kid"):
-            auth.authenticate(f"Bearer {new_token}")
+            await auth.authenticate_async(f"Bearer {new_token}")
     assert cache.num_loads == 1
     clock.now += 301
-    assert auth.authenticate(f"Bearer {new_token}").subject == "alice"
+    # Requests that arrive together with the new kid wait for one shared reload, and all pass.
+    principals = await asyncio.gather(*(auth.authenticate_async(f"Bearer {new_token}") for _ in range(5)))
+    assert {p.subject for p in principals} == {"alice"}
     assert cache.num_loads == 2
     stranger = jwt.encode(claims(iss=None, aud=None), new_key, algorithm="RS256", headers={"kid": "k3"})
     with pytest.raises(AuthError, match="kid"):
-        auth.authenticate(f"Bearer {stranger}")
+        await auth.authenticate_async(f"Bearer {stranger}")
     assert cache.num_loads == 2
+    await auth.close()
+
+
+async def test_jwks_reloads_never_block_the_event_loop(rsa_key: rsa.RSAPrivateKey) -> None:
+    """A slow identity provider (0.5 s per fetch): a stale set is refreshed in the background
+    while known keys keep verifying at once; a request with a new kid waits for the reload
+    without stalling the loop."""
+    new_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    served = [_jwks(("k1", rsa_key))]
+    fetches: list[float] = []
+
+    def slow_fetch(url: str) -> bytes:
+        fetches.append(time.monotonic())
+        if len(fetches) > 1:
+            time.sleep(0.5)
+        return served[-1].encode()
+
+    clock = Clock()
+    cache = JwksCache(url="http://idp.invalid/jwks.json", refresh_s=300, fetch=slow_fetch, clock=clock)
+    auth = Authenticator(AuthSettings(algorithms=["RS256"], jwks_url="http://idp.invalid/jwks.json"), jwks=cache)
+    k1 = jwt.encode(claims(iss=None, aud=None, sub="bob"), rsa_key, algorithm="RS256", headers={"kid": "k1"})
+    k2 = jwt.encode(claims(iss=None, aud=None), new_key, algorithm="RS256", headers={"kid": "k2"})
+    clock.now += 301  # stale
+    started = time.monotonic()
+    assert (await auth.authenticate_async(f"Bearer {k1}")).subject == "bob"
+    assert time.monotonic() - started < 0.2  # served from the cached set; the reload runs behind
+    await cache.refresh()  # let that background reload finish
+    assert cache.num_loads == 2
+    served.append(_jwks(("k1", rsa_key), ("k2", new_key)))
+    clock.now += 301
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            await asyncio.sleep(0.01)
+            ticks += 1
+
+    tick_task = asyncio.ensure_future(ticker())
+    assert (await auth.authenticate_async(f"Bearer {k2}")).subject == "alice"  # waited for the reload
+    tick_task.cancel()
+    assert ticks >= 20 and cache.num_loads == 3  # the loop ran during the 0.5 s fetch
+    await auth.close()
 
 
 def test_jwks_key_pinned_to_other_alg_is_not_used(tmp_path: Path, rsa_key: rsa.RSAPrivateKey) -> None:
