@@ -15,7 +15,7 @@ from backends.registry import create_backend
 from gateway.coalesce import coalesce_sse
 from gateway.drain import Drain
 from gateway.errors import handle_exception
-from gateway.pipeline import Services
+from gateway.pipeline import Services, record_refusal
 from gateway.routes import health, metrics, openai
 from gateway.settings import Settings
 from policies.routing import Router
@@ -95,6 +95,7 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
                 await start()
         state.services = services
         state.drain = drain  # DrainingServer (aibox serve) drives it on SIGTERM
+        drain.on_refused = lambda scope, err: record_refusal(state.services, scope, err)  # services change on reload
         services.metrics.bind(lambda: getattr(state, "services", None))
         await services.metrics.start()
         loader = asyncio.create_task(start_backends(services, state.load_errors))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from collections.abc import Awaitable, Callable
 from types import FrameType
 from typing import Any
 
@@ -35,6 +36,8 @@ log = logging.getLogger("aibox.drain")
 ABORTED_SCOPE_KEY = "aibox.drain_aborted"
 # Paths that stay open while draining: probes and scrapes.
 OPS_PATHS = ("/health", "/ready", "/metrics")
+# Requests that get an audit row (the pipeline's endpoints), also when refused here.
+API_PATHS = ("/v1/chat/completions", "/v1/completions")
 _ABORTED = Unavailable("The server is shutting down; retry on another instance.", code="server_shutting_down")
 _REFUSED = Unavailable("The server is shutting down and accepts no new requests.", code="server_shutting_down")
 
@@ -72,6 +75,9 @@ class Drain:
         self.shutdown_timeout_s = shutdown_timeout_s
         self.draining = False
         self._active: set[_Active] = set()
+        # Records a refused API request (audit row, metrics, access log) and returns extra
+        # response headers (x-request-id); the app sets it once its services exist.
+        self.on_refused: Callable[[Any, Unavailable], Awaitable[list[tuple[bytes, bytes]]]] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -87,7 +93,13 @@ class Drain:
                 await app(scope, receive, send)
                 return
             if self.draining:
-                await _send_error(send, _REFUSED, close=True)
+                headers: list[tuple[bytes, bytes]] = []
+                if self.on_refused is not None and scope["method"] == "POST" and scope["path"] in API_PATHS:
+                    try:  # audited like any other rejected request, before the response
+                        headers = await self.on_refused(scope, _REFUSED)
+                    except Exception:
+                        log.exception("could not record a request refused while draining")
+                await _send_error(send, _REFUSED, close=True, headers=headers)
                 return
             await self._run(app, scope, receive, send)
 
@@ -167,8 +179,8 @@ class Drain:
         log.info("drained")
 
 
-async def _send_error(send: Any, err: Unavailable, *, close: bool = False) -> None:
-    headers = [(b"content-type", b"application/json"), (b"retry-after", b"1")]
+async def _send_error(send: Any, err: Unavailable, *, close: bool = False, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    headers = [(b"content-type", b"application/json"), (b"retry-after", b"1"), *(headers or [])]
     if close:
         headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": err.status_code, "headers": headers})

@@ -49,12 +49,7 @@ log = logging.getLogger("aibox.pipeline")
 # --------------------------------------------------------------------------- entry point
 async def handle(services: Services, request: Request[Any, Any, Any], endpoint: str) -> JSONResponse | ASGIStreamingResponse:
     """Serve one chat/completions request; every outcome is recorded."""
-    prefix = "chatcmpl-" if endpoint == "chat.completions" else "cmpl-"
-    call = Call(request_id=prefix + uuid.uuid4().hex, endpoint=endpoint, ts=time.time(), t0=time.perf_counter())
-    call.headers["x-request-id"] = _request_id_header(request) or call.request_id
-    call.scope = request.scope  # type: ignore[assignment]
-    retry_hdr = request.headers.get("x-stainless-retry-count")
-    call.client_retry_count = int(retry_hdr) if retry_hdr and retry_hdr.isdigit() else None
+    call = _new_call(request, endpoint)
     count(services, call)
     response: JSONResponse | ASGIStreamingResponse | None = None
     try:
@@ -73,6 +68,16 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
     finally:
         if not isinstance(response, ASGIStreamingResponse):  # a stream's generator calls finish() at its end
             uncount(services, call)
+
+
+def _new_call(request: Request[Any, Any, Any], endpoint: str) -> Call:
+    prefix = "chatcmpl-" if endpoint == "chat.completions" else "cmpl-"
+    call = Call(request_id=prefix + uuid.uuid4().hex, endpoint=endpoint, ts=time.time(), t0=time.perf_counter())
+    call.headers["x-request-id"] = _request_id_header(request) or call.request_id
+    call.scope = request.scope  # type: ignore[assignment]
+    retry_hdr = request.headers.get("x-stainless-retry-count")
+    call.client_retry_count = int(retry_hdr) if retry_hdr and retry_hdr.isdigit() else None
+    return call
 
 
 async def _handle(services: Services, request: Request[Any, Any, Any], call: Call) -> JSONResponse | ASGIStreamingResponse:
@@ -162,6 +167,23 @@ async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
         return await request.body()
     except RequestEntityTooLarge:
         raise PayloadTooLarge(f"Request body is larger than the limit of {limit} bytes.") from None
+
+
+async def record_refusal(services: Services, scope: Any, err: APIError) -> list[tuple[bytes, bytes]]:
+    """Audit (and count, and log) an API request refused before it reached the pipeline, e.g.
+    while draining; returns the x-request-id header for the refusal."""
+    endpoint = "chat.completions" if scope["path"].endswith("/chat/completions") else "completions"
+    request = Request(scope)  # headers only: the body is never read
+    call = _new_call(request, endpoint)
+    if services.authenticator is not None:
+        try:  # attribute the row to the caller when the token is good; anonymous otherwise
+            call.principal = await services.authenticator.authenticate_async(request.headers.get("authorization"))
+        except auth_policy.AuthError:
+            pass
+    count(services, call)
+    call.fail(err)
+    await finish(services, call)
+    return [(b"x-request-id", call.headers["x-request-id"].encode())]
 
 
 def _request_id_header(request: Request[Any, Any, Any]) -> str | None:

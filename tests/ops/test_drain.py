@@ -127,8 +127,9 @@ def test_sigterm_lets_streams_finish_and_exits_0(spawn: Any) -> None:
         time.sleep(0.005)
     assert time.monotonic() - t_signal < 1.0  # handled on the loop at once (generous for a loaded box)
     assert ready.status_code == 503 and ready.json()["draining"] is True
-    refused = httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=1))
+    refused = httpx.post(server.url + "/v1/chat/completions", json=chat(max_tokens=1), headers={"x-request-id": "late-1"})
     assert refused.status_code == 503 and is_openai_error(refused.json())
+    assert refused.headers["x-request-id"] == "late-1" and refused.headers["retry-after"] == "1"
     assert httpx.get(server.url + "/health").status_code == 200
     for t in threads:
         t.join(timeout=30)
@@ -139,7 +140,8 @@ def test_sigterm_lets_streams_finish_and_exits_0(spawn: Any) -> None:
         assert status == 200 and events[-1] == "[DONE]"
         assert events[-2]["choices"][0]["finish_reason"] == "length"
     assert server.proc.wait(timeout=30) == 0, server.output()
-    assert audit_rows(server.db) == [(200, None)] * 3
+    # The refusal is a rejected request like any other: it has its row too.
+    assert sorted(audit_rows(server.db), key=str) == [(200, None)] * 3 + [(503, "server_shutting_down")]
 
 
 @pytest.mark.slow
