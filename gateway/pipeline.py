@@ -17,8 +17,6 @@ from typing import Any
 
 from litestar import Request
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
-from litestar.response import Stream
-from litestar.response.streaming import ASGIStreamingResponse
 
 from gateway import convert
 from gateway.context import Call, Services, count, finish, overhead_ms, uncount
@@ -37,7 +35,7 @@ from gateway.errors import (
 from gateway.generation import open_with_failover
 from gateway.responders import respond_json, stream
 from gateway.schemas import encoder
-from gateway.streaming import JSONResponse, ResponseShape
+from gateway.streaming import JSONResponse, ResponseShape, SSEResponse
 from policies import auth as auth_policy
 from policies import routing
 
@@ -47,11 +45,11 @@ log = logging.getLogger("aibox.pipeline")
 
 
 # --------------------------------------------------------------------------- entry point
-async def handle(services: Services, request: Request[Any, Any, Any], endpoint: str) -> JSONResponse | ASGIStreamingResponse:
+async def handle(services: Services, request: Request[Any, Any, Any], endpoint: str) -> JSONResponse | SSEResponse:
     """Serve one chat/completions request; every outcome is recorded."""
     call = _new_call(request, endpoint)
     count(services, call)
-    response: JSONResponse | ASGIStreamingResponse | None = None
+    response: JSONResponse | SSEResponse | None = None
     try:
         response = await _handle(services, request, call)
         return response
@@ -66,7 +64,7 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
         await finish(services, call)
         return _error_response(err, call)
     finally:
-        if not isinstance(response, ASGIStreamingResponse):  # a stream's generator calls finish() at its end
+        if not isinstance(response, SSEResponse):  # a stream's generator calls finish() at its end
             uncount(services, call)
 
 
@@ -80,7 +78,7 @@ def _new_call(request: Request[Any, Any, Any], endpoint: str) -> Call:
     return call
 
 
-async def _handle(services: Services, request: Request[Any, Any, Any], call: Call) -> JSONResponse | ASGIStreamingResponse:
+async def _handle(services: Services, request: Request[Any, Any, Any], call: Call) -> JSONResponse | SSEResponse:
     settings = services.settings
     # HOOK(auth)
     if services.authenticator is not None:
@@ -131,10 +129,7 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
         else:
             gen = stream(services, call, None, subs, deadline, pending=open_task, shape_for=shape_for)
         call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
-        sse = Stream(gen, media_type="text/event-stream", headers={**call.headers, "cache-control": "no-cache"})
-        # As an ASGI app already: the route returns ASGIApp (see JSONResponse), and Litestar would
-        # otherwise let the route's default media type (JSON) override the stream's own.
-        return sse.to_asgi_response(app=None, request=request)
+        return SSEResponse(gen, call.headers)
     return await respond_json(services, request, call, subs, deadline, shape_for, attempts)
 
 
