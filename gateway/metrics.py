@@ -49,6 +49,7 @@ LIVE_SERIES: dict[str, tuple[str, str, str, tuple[str, ...]]] = {
     "aibox_audit_writer_lag_seconds": ("Age of the oldest uncommitted audit row.", "gauge", "max", ()),
     "aibox_audit_failing": ("1 while audit commits fail (rows are buffered).", "gauge", "max", ()),
     "aibox_audit_rows_written": ("Audit rows committed.", "counter", "sum", ()),
+    "aibox_audit_inline_commits": ("Audit rows a lone request committed on the event loop (no writer hand-off).", "counter", "sum", ()),
     "aibox_audit_rows_dropped": ("Audit rows lost after the buffer filled.", "counter", "sum", ()),
     "aibox_audit_commit_failures": ("Audit commits that failed and were retried.", "counter", "sum", ()),
     "aibox_ratelimit_store_errors": ("Rate-limit store (Redis) calls that failed.", "counter", "sum", ()),
@@ -72,6 +73,7 @@ _AUDIT_STATS = {
     "writer_lag_s": "aibox_audit_writer_lag_seconds",
     "failing": "aibox_audit_failing",
     "rows_written": "aibox_audit_rows_written",
+    "inline_commits": "aibox_audit_inline_commits",
     "rows_dropped": "aibox_audit_rows_dropped",
     "commit_failures": "aibox_audit_commit_failures",
 }

@@ -40,12 +40,48 @@ def _encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
+class ClientWatch:
+    """`async with ClientWatch(receive) as watch:` cancels the body of the block when the client
+    disconnects (one watcher task blocked in `receive`), and the block then ends normally with
+    `watch.client_gone` set. A cancellation from anyone else propagates as usual."""
+
+    __slots__ = ("receive", "task", "watcher", "armed", "client_gone")
+
+    def __init__(self, receive: Any) -> None:
+        self.receive = receive
+        self.armed = True
+        self.client_gone = False
+
+    async def __aenter__(self) -> ClientWatch:
+        task = asyncio.current_task()
+        assert task is not None
+        self.task = task
+        self.watcher = asyncio.ensure_future(self._watch())
+        return self
+
+    async def _watch(self) -> None:
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        if self.armed:  # the cancel lands inside the block: the task is suspended in it now
+            self.client_gone = True
+            self.task.cancel()
+
+    def disarm(self) -> None:
+        """From here on a disconnect is not the client leaving (uvicorn also says "disconnect"
+        once the response is complete)."""
+        self.armed = False
+
+    async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
+        self.armed = False
+        self.watcher.cancel()
+        return exc_type is asyncio.CancelledError and self.client_gone and self.task.uncancel() == 0
+
+
 class SSEResponse:
-    """An SSE body as a bare ASGI app: sends each event as the iterator yields it and, while it
-    streams, watches `receive` for the client leaving; then it stops the iteration, so the
-    iterator's `finally` cleans up (abort the backend, settle limits, audit). One watcher task
-    per stream, where Litestar's Stream runs an anyio task group with cancel scopes (~10% of a
-    short stream's CPU)."""
+    """An SSE body as a bare ASGI app: sends each event as the iterator yields it, and stops the
+    iteration when the client leaves, so the iterator's `finally` cleans up (abort the backend,
+    settle limits, audit). One watcher task per stream, where Litestar's Stream runs an anyio
+    task group with cancel scopes (~10% of a short stream's CPU)."""
 
     __slots__ = ("events", "headers")
 
@@ -55,31 +91,15 @@ class SSEResponse:
         self.headers += _encode_headers(headers or {})
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        complete = client_gone = False
-
-        async def watch() -> None:
-            nonlocal client_gone
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            if not complete:  # uvicorn also says "disconnect" once the response is complete
-                client_gone = True
-                task.cancel()
-
-        watcher = asyncio.ensure_future(watch())
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            async for event in self.events:
-                await send({"type": "http.response.body", "body": event, "more_body": True})
-            complete = True
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except asyncio.CancelledError:
-            if not client_gone or task.uncancel() > 0:
-                raise  # cancelled by someone else (shutdown): not ours to swallow
+            async with ClientWatch(receive) as watch:
+                await send({"type": "http.response.start", "status": 200, "headers": self.headers})
+                async for event in self.events:
+                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                watch.disarm()
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            watcher.cancel()
-            await self.events.aclose()  # runs the iterator's cleanup if it was cut off mid-way  # type: ignore[attr-defined]
+            await self.events.aclose()  # type: ignore[attr-defined]  # the iterator's cleanup, if cut off
 
 
 def sse(obj: Any) -> bytes:

@@ -1,0 +1,108 @@
+"""ClientWatch and SSEResponse against scripted ASGI receive/send: the client leaving cancels the
+work and the body's cleanup runs; finishing first, or someone else's cancel, behaves as usual."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+
+from gateway.streaming import ClientWatch, JSONResponse, SSEResponse
+
+
+class Client:
+    """An ASGI receive that blocks until `leave()`, and a send that records messages."""
+
+    def __init__(self) -> None:
+        self.left = asyncio.Event()
+        self.sent: list[dict[str, Any]] = []
+
+    async def receive(self) -> dict[str, Any]:
+        await self.left.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.sent.append(message)
+
+    def leave(self) -> None:
+        self.left.set()
+
+
+async def test_client_leaving_cancels_the_block() -> None:
+    client = Client()
+    reached_end = False
+    async with ClientWatch(client.receive) as watch:
+        asyncio.get_running_loop().call_later(0.05, client.leave)
+        await asyncio.sleep(10)
+        reached_end = True
+    assert watch.client_gone and not reached_end
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]  # nothing left pending
+    await asyncio.sleep(0)  # and the task is not cancelled later
+
+
+async def test_finishing_first_is_not_a_disconnect() -> None:
+    client = Client()
+    async with ClientWatch(client.receive) as watch:
+        await asyncio.sleep(0.01)
+    client.leave()  # e.g. uvicorn reporting "disconnect" once the response is complete
+    await asyncio.sleep(0.05)
+    assert not watch.client_gone
+
+
+async def test_someone_elses_cancel_propagates() -> None:
+    client = Client()
+
+    async def work() -> None:
+        async with ClientWatch(client.receive):
+            await asyncio.sleep(10)
+
+    task = asyncio.ensure_future(work())
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_sse_response_streams_then_cleans_up_when_the_client_leaves() -> None:
+    client = Client()
+    cleaned_up = asyncio.Event()
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            for i in range(1000):
+                yield b"data: %d\n\n" % i
+                if i == 2:
+                    client.leave()
+                await asyncio.sleep(0.01)
+        finally:
+            cleaned_up.set()
+
+    await SSEResponse(events(), {"x-request-id": "r1"})({}, client.receive, client.send)
+    assert cleaned_up.is_set()
+    start, *bodies = client.sent
+    assert start["status"] == 200 and (b"x-request-id", b"r1") in start["headers"]
+    assert (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
+    assert 3 <= len(bodies) < 10 and all(m["more_body"] for m in bodies)  # cut off, no final message
+
+
+async def test_sse_response_complete() -> None:
+    client = Client()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield b"data: 1\n\n"
+        yield b"data: [DONE]\n\n"
+
+    await SSEResponse(events())({}, client.receive, client.send)
+    assert [m.get("body") for m in client.sent[1:]] == [b"data: 1\n\n", b"data: [DONE]\n\n", b""]
+    assert client.sent[-1]["more_body"] is False
+
+
+async def test_json_response() -> None:
+    client = Client()
+    await JSONResponse(b'{"a":1}', 201, {"X-Request-Id": "r2"})({}, client.receive, client.send)
+    start, body = client.sent
+    assert start["status"] == 201
+    assert start["headers"] == [(b"content-type", b"application/json"), (b"content-length", b"7"), (b"x-request-id", b"r2")]
+    assert body == {"type": "http.response.body", "body": b'{"a":1}', "more_body": False}
