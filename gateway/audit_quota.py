@@ -103,6 +103,10 @@ class QuotaTracker:
         self._usage: dict[tuple[str, str], _Usage] = {}
         self._clock = clock
 
+    def set_quotas(self, tenant_quotas: dict[str, QuotaSettings], subject_quotas: dict[str, QuotaSettings]) -> None:
+        """New limits (config reload); the running totals stay."""
+        self._quotas = {"tenant": tenant_quotas, "subject": subject_quotas}
+
     @property
     def enabled(self) -> bool:
         return any(self._quotas.values())

@@ -13,8 +13,9 @@ A reload is all-or-nothing:
 4. Backends that were removed or replaced are closed once their in-flight requests have finished
    (bounded by the longest request deadline); a replaced limiter/authenticator after that deadline.
 
-Applied live: [backends], [[models]], [[routes]], [auth], [ratelimit] and the per-request [server]
-keys (timeouts, caps). Needing a restart (kept at their running values, reported): [audit] (one
+Applied live: [backends], [[models]], [[routes]], [auth], [ratelimit], the quota tables
+[audit.tenant_quotas] and [audit.subject_quotas], and the per-request [server] keys (timeouts,
+caps). Needing a restart (kept at their running values, reported): the other [audit] keys (one
 writer owns the database), server.host/port/max_body_bytes/shutdown_timeout_s/log_*/config_watch_s.
 """
 
@@ -54,10 +55,12 @@ def effective_settings(new: Settings, running: Settings) -> tuple[Settings, list
     """`new` with the keys that cannot change live put back to their running values, and their names."""
     pinned = {k: getattr(running.server, k) for k in _SERVER_RESTART_KEYS}
     restart = [f"server.{k}" for k, v in pinned.items() if getattr(new.server, k) != v]
-    if new.audit != running.audit:
+    # Quotas apply live; every other [audit] key belongs to the one writer that owns the database.
+    audit = msgspec.structs.replace(running.audit, tenant_quotas=new.audit.tenant_quotas, subject_quotas=new.audit.subject_quotas)
+    if new.audit != audit:
         restart.append("audit")
     server = msgspec.structs.replace(new.server, **pinned)
-    return msgspec.structs.replace(new, server=server, audit=running.audit), restart
+    return msgspec.structs.replace(new, server=server, audit=audit), restart
 
 
 class Reloader:
@@ -152,6 +155,8 @@ class Reloader:
             await asyncio.gather(*(services.backends[n].close() for n in started), return_exceptions=True)
             return ReloadResult(ok=False, message=f"config reload refused, still serving the previous config: {type(exc).__name__}: {exc}")
 
+        if services.audit is not None and settings.audit != old.settings.audit:
+            services.audit.update_quotas(settings.audit)  # only quotas can differ here
         self.state.services = services  # the swap: new requests see the new snapshot from here on
         self.num_reloads += 1
         retired = [n for n in old.backends if n not in reused]

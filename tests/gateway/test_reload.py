@@ -201,3 +201,32 @@ def test_sighup_reloads_a_served_gateway(tmp_path: Path) -> None:
         proc.terminate()
         proc.wait(timeout=30)
         log.close()
+
+
+def test_quota_changes_apply_on_reload_and_count_earlier_usage(tmp_path: Path) -> None:
+    """Quotas are live keys of [audit]: raising one unblocks a caller at once, and a quota added
+    by a reload counts the tokens already used today (totals are kept for everyone)."""
+    db = tmp_path / "usage.db"
+
+    def text(url: str, quotas: str) -> str:
+        audit = f'[audit]\npath = "{db}"\n{quotas}'
+        return config_text({"a": url}, model("m", "a")).replace("[audit]\nenabled = false", audit)
+
+    tight = '[audit.subject_quotas."*"]\ntokens_per_day = 1'
+    with gateway(tmp_path, lambda url: text(url["a"], "")) as (gw, path, up), httpx.Client(base_url=gw.url, timeout=10) as client:
+        assert served_by(ask(client)) == "a"  # usage before any quota exists
+        before = gw.app.state.services
+        write(path, text(up["a"].url, tight))
+        wait_for(lambda: gw.app.state.services is not before)
+        assert gw.app.state.reloader.last_result.restart_needed == []
+        refused = ask(client)  # the earlier request's tokens count against the new daily quota
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "insufficient_quota"
+        middle = gw.app.state.services
+        write(path, text(up["a"].url, '[audit.subject_quotas."*"]\ntokens_per_day = 1000000'))
+        wait_for(lambda: gw.app.state.services is not middle)
+        assert served_by(ask(client)) == "a"
+        last = gw.app.state.services
+        write(path, text(up["a"].url, tight).replace(f'path = "{db}"', f'path = "{db}"\nretention_days = 3'))
+        wait_for(lambda: gw.app.state.services is not last)
+        assert gw.app.state.reloader.last_result.restart_needed == ["audit"]  # quota applied, retention not
+        assert ask(client).status_code == 429
