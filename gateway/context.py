@@ -71,6 +71,7 @@ class Call:
     headers: dict[str, str] = field(default_factory=dict)
     settled: bool = False
     counted: bool = False  # in services.in_flight; uncounted once, by finish() or the handler
+    finished: bool = False  # finish() has run (or is running): limits settled, row recorded
     echo: list[str] | None = None  # completions `echo`: the prompt of each choice, prepended by us
     scope: dict[str, Any] | None = None  # the ASGI scope: tells a drain abort from a client leaving
 
@@ -86,7 +87,20 @@ class Call:
 
 
 async def finish(services: Services, call: Call) -> None:
-    """Settle the rate-limit reservation, write the audit row, observe metrics. Never raises."""
+    """Settle the rate-limit reservation, write the audit row, observe metrics. Never raises.
+
+    Once per call: a second call (a stream's disconnect cleanup racing its own finish) returns
+    at once. Callers that can be cancelled mid-way shield it (see responders.stream)."""
+    if call.finished:
+        return
+    call.finished = True
+    try:
+        await _finish(services, call)
+    finally:
+        uncount(services, call)
+
+
+async def _finish(services: Services, call: Call) -> None:
     call.total_ms = (time.perf_counter() - call.t0) * 1000
     if call.reservation is not None and not call.settled and services.limiter is not None:
         call.settled = True
@@ -107,7 +121,6 @@ async def finish(services: Services, call: Call) -> None:
         except Exception:
             log.exception("metrics failed for %s", call.request_id)
     request_log.log_call(call)
-    uncount(services, call)
 
 
 def count(services: Services, call: Call) -> None:

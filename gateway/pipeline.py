@@ -32,8 +32,8 @@ from gateway.errors import (
     Unauthorized,
     Unavailable,
 )
-from gateway.generation import open_with_failover
-from gateway.responders import respond_json, stream
+from gateway.generation import Opened, open_with_failover
+from gateway.responders import abandon, respond_json, stream
 from gateway.schemas import encoder
 from gateway.streaming import JSONResponse, ResponseShape, SSEResponse
 from policies import auth as auth_policy
@@ -122,6 +122,7 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
     if call.stream:
         open_task = asyncio.ensure_future(open_with_failover(services, call, attempts, subs, deadline))
         done, _ = await asyncio.wait({open_task}, timeout=settings.server.keepalive_s)
+        opened: Opened | None = None
         if done:
             opened = open_task.result()  # raises APIError -> a real HTTP error status
             shape = shape_for(opened.attempt.model.name)
@@ -129,7 +130,8 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
         else:
             gen = stream(services, call, None, subs, deadline, pending=open_task, shape_for=shape_for)
         call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
-        return SSEResponse(gen, call.headers)
+        pending = None if done else open_task
+        return SSEResponse(gen, call.headers, on_unstarted=lambda: abandon(services, call, None, subs, opened, pending))
     return await respond_json(services, request, call, subs, deadline, shape_for, attempts)
 
 

@@ -139,7 +139,7 @@ async def stream(
                 call.fail(err)
                 ok = False
                 yield error_event(err.body())
-                await finish(services, call)
+                await finish_uninterrupted(services, call)
                 finished_cleanly = True
                 yield DONE
                 return
@@ -176,19 +176,54 @@ async def stream(
         if services.settings.audit.store_content:
             call.response_content = encoder.encode(["".join(c.text) for c in choices]).decode()
         await close_streams(opened)
-        end_attempt(services, call, opened, ok=ok, retriable=retriable)
-        await finish(services, call)  # committed before [DONE]
+        ended, opened = opened, None  # ended here: a disconnect from now on must not end it again
+        end_attempt(services, call, ended, ok=ok, retriable=retriable)
+        await finish_uninterrupted(services, call)  # committed before [DONE]
         finished_cleanly = True
         yield DONE
     finally:
         if not finished_cleanly:  # client disconnected (we are being cancelled) or a bug
-            if pending is not None and not pending.done():
-                pending.cancel()
-            call.abandoned()
-            totals(call, choices, subs)
-            task = asyncio.get_running_loop().create_task(_abort_cleanup(services, call, opened))
-            services.background.add(task)
-            task.add_done_callback(services.background.discard)
+            abandon(services, call, choices, subs, opened, pending)
+
+
+def abandon(
+    services: Services,
+    call: Call,
+    choices: list[Any] | None,
+    subs: list[GenerationRequest],
+    opened: Opened | None,
+    pending: asyncio.Future[Opened] | None,
+) -> None:
+    """The client left before the stream ended (also before it started: SSEResponse calls this
+    for a body it never iterated). Cancel what is still opening, count what was generated, and
+    close the backend streams, end the attempt and finish (row 499) in the background. Nothing
+    to do once finish() has begun: it completes on its own (finish_uninterrupted)."""
+    if call.finished:
+        return
+    if pending is not None:
+        if not pending.done():
+            pending.cancel()  # open_with_failover ends its attempt on cancel
+        elif opened is None and not pending.cancelled() and pending.exception() is None:
+            opened = pending.result()  # opened, but the stream never took it over: close it here
+    call.abandoned()
+    totals(call, choices if choices is not None else new_choices(call, subs), subs)
+    spawn(services, _abort_cleanup(services, call, opened))
+
+
+def spawn(services: Services, coro: Any) -> None:
+    """Run cleanup in the background; a drain waits for it (services.background)."""
+    task = asyncio.get_running_loop().create_task(coro)
+    services.background.add(task)
+    task.add_done_callback(services.background.discard)
+
+
+async def finish_uninterrupted(services: Services, call: Call) -> None:
+    """finish() that a client disconnect (which cancels the stream) cannot cut in half: the
+    limits are settled and the row written exactly once, with the status the stream reached."""
+    task = asyncio.ensure_future(finish(services, call))
+    services.background.add(task)
+    task.add_done_callback(services.background.discard)
+    await asyncio.shield(task)
 
 
 async def close_streams(opened: Opened | None) -> None:

@@ -106,3 +106,78 @@ async def test_json_response() -> None:
     assert start["status"] == 201
     assert start["headers"] == [(b"content-type", b"application/json"), (b"content-length", b"7"), (b"x-request-id", b"r2")]
     assert body == {"type": "http.response.body", "body": b'{"a":1}', "more_body": False}
+
+
+class SlowAudit:
+    """An audit store whose commit takes a while, and that tells when a commit begins."""
+
+    def __init__(self) -> None:
+        self.rows: list[Any] = []
+        self.committing = asyncio.Event()
+
+    async def record(self, row: Any, *, alone: bool = False) -> bool:
+        self.rows.append(row)
+        self.committing.set()
+        await asyncio.sleep(0.1)
+        return True
+
+
+async def _stream_setup(max_tokens: int = 3) -> tuple[Any, Any, Any, Any]:
+    from gateway import convert
+    from gateway.app import build_services
+    from gateway.context import Call
+    from gateway.generation import open_with_failover
+    from gateway.responders import stream
+    from gateway.streaming import ResponseShape
+    from tests.live import settings_from
+
+    doc = {
+        "auth": {"enabled": False}, "ratelimit": {"enabled": False}, "audit": {"enabled": False},
+        "backends": {"f": {"type": "fake"}}, "models": [{"name": "m", "deployments": [{"backend": "f"}]}],
+    }  # fmt: skip
+    services = await build_services(settings_from(doc))
+    await services.backends["f"].start()
+    services.audit = SlowAudit()
+    raw = b'{"model":"m","stream":true,"max_tokens":%d,"messages":[{"role":"user","content":"hi"}]}' % max_tokens
+    body = convert.decode_body(raw, "chat.completions", services.settings.server)
+    call = Call(request_id="chatcmpl-1", endpoint="chat.completions", ts=0.0, t0=0.0, stream=True)
+    subs = convert.chat_requests(body, call.request_id, "m", services.settings.server)  # type: ignore[arg-type]
+    attempts = services.router.plan("m", call.principal)
+    loop = asyncio.get_running_loop()
+    opened = await open_with_failover(services, call, attempts, subs, loop.time() + 30)
+    shape = ResponseShape("chat.completions", call.request_id, 0, "m", False)
+    return services, call, stream(services, call, shape, subs, loop.time() + 30, opened=opened), (subs, opened)
+
+
+async def test_a_disconnect_during_the_final_commit_writes_one_row_and_ends_the_attempt_once() -> None:
+    services, call, gen, _ = await _stream_setup()
+    client = Client()
+
+    async def leave_when_committing() -> None:
+        await services.audit.committing.wait()
+        client.leave()  # the client goes away while the row of a complete stream is being committed
+
+    leaver = asyncio.ensure_future(leave_when_committing())
+    await SSEResponse(gen)({}, client.receive, client.send)
+    await leaver
+    await asyncio.gather(*list(services.background))
+    assert [(r.request_id, r.status) for r in services.audit.rows] == [("chatcmpl-1", 200)]
+    assert services.router.state()["f"]["in_flight"] == 0
+    assert services.in_flight == 0
+
+
+async def test_a_stream_that_never_started_is_cleaned_up() -> None:
+    from gateway.responders import abandon
+
+    services, call, gen, (subs, opened) = await _stream_setup()
+    assert services.router.state()["f"]["in_flight"] == 1  # opened
+
+    async def broken_send(message: dict[str, Any]) -> None:
+        raise OSError("connection reset")
+
+    response = SSEResponse(gen, on_unstarted=lambda: abandon(services, call, None, subs, opened, None))
+    with pytest.raises(OSError):
+        await response({}, Client().receive, broken_send)
+    await asyncio.gather(*list(services.background))
+    assert [r.status for r in services.audit.rows] == [499]  # recorded, as a client that left
+    assert services.router.state()["f"]["in_flight"] == 0  # the opened attempt was ended
