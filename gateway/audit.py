@@ -50,6 +50,7 @@ def _inline_connection(path: Path) -> sqlite3.Connection:
     conn.execute("PRAGMA busy_timeout = 0")
     conn.execute("PRAGMA synchronous = NORMAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")
+    conn.execute("PRAGMA journal_size_limit = 67108864")  # as the writer's, should it restart the WAL
     conn.execute("PRAGMA cache_size = -16384")
     return conn
 
@@ -94,11 +95,13 @@ class AuditStore:
         # sustained burst keeps the WAL from ever being fully copied (see audit_checkpoint.py).
         db.execute(f"PRAGMA wal_autocheckpoint = {WRITER_CHECKPOINT_PAGES}")
         db.execute("PRAGMA journal_size_limit = 67108864")  # shrink the WAL file back after a burst
-        self._checkpointer = Checkpointer(self.path, busy_timeout_ms=self._busy_timeout_ms)
-        self._checkpointer.start()
         self._writer = AuditWriter(
             db, buffer_rows=self.settings.buffer_rows, retention_days=self.settings.retention_days, clock=self._clock
         )
+        self._checkpointer = Checkpointer(
+            self.path, busy_timeout_ms=self._busy_timeout_ms, on_backfilled=self._writer.wal_backfilled
+        )
+        self._checkpointer.start()
         if self.settings.synchronous != "full":  # an inline fsync would stall the event loop
             self._writer.inline_conn = _inline_connection(self.path)
         self._writer.start()

@@ -90,6 +90,9 @@ class AuditWriter(threading.Thread):
         self._last_fail_log = 0.0
         self.inline_conn: sqlite3.Connection | None = None  # set by the store; used from the loop only
         self.num_inline_commits = 0
+        # The next commit restarts the WAL (it was fully checkpointed; also true at start) and so
+        # fsyncs: that one goes through this thread, never inline on the event loop.
+        self.wal_restart_due = True
 
     # ------------------------------------------------------------------ called from the loop
     def submit(self, record: Any, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]] | None) -> bool:
@@ -116,8 +119,11 @@ class AuditWriter(threading.Thread):
         batch, and under load the group commit keeps its batching) and the store is healthy.
         """
         conn = self.inline_conn
-        if conn is None or self._queue or self._num_in_flight or self.failing_since is not None or self._stopping:
+        if conn is None or self.wal_restart_due or self.failing_since is not None or self._stopping:
             return False
+        with self._cond:  # the writer pops a batch and marks it in flight under this lock
+            if self._queue or self._num_in_flight:
+                return False
         start = time.perf_counter()
         try:
             conn.execute("BEGIN IMMEDIATE")  # fails at once (SQLITE_BUSY) if anyone else is writing
@@ -136,6 +142,10 @@ class AuditWriter(threading.Thread):
             self.max_batch_rows = max(self.max_batch_rows, 1)
             self.last_commit_ms = (time.perf_counter() - start) * 1000
         return True
+
+    def wal_backfilled(self) -> None:
+        """The checkpointer copied every WAL frame: send the next commit (a WAL restart) here."""
+        self.wal_restart_due = True
 
     def stop(self) -> None:
         """Ask the thread to drain the queue and exit."""
@@ -200,6 +210,7 @@ class AuditWriter(threading.Thread):
             log.error("audit batch could not be encoded (%s); writing its rows one by one", exc)
             return self._write_one_by_one(batch)
         self.last_commit_ms = (time.perf_counter() - start) * 1000
+        self.wal_restart_due = False
         self._committed(batch)
         return True
 

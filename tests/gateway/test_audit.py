@@ -259,15 +259,34 @@ async def test_checkpoints_run_off_the_commit_path(db_path: Path) -> None:
 
 async def test_lone_request_commits_on_the_loop(db_path: Path) -> None:
     store = await started(db_path)
-    assert await store.record(make_row(0), alone=True) is True
+    assert await store.record(make_row(0), alone=True) is True  # the first commit starts the WAL: writer
+    assert store.stats()["inline_commits"] == 0
+    assert await store.record(make_row(1), alone=True) is True
     assert store.stats()["inline_commits"] == 1  # no hand-off to the writer thread
-    assert await store.record(make_row(1)) is True  # concurrent callers keep the group commit
+    assert await store.record(make_row(2)) is True  # concurrent callers keep the group commit
     stats = store.stats()
     await store.close()
-    assert (stats["inline_commits"], stats["rows_written"]) == (1, 2)
-    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0", "chatcmpl-1"]
+    assert (stats["inline_commits"], stats["rows_written"]) == (1, 3)
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
     (day,) = rows(db_path, "SELECT * FROM daily_usage")
-    assert day["requests"] == 2
+    assert day["requests"] == 3
+
+
+async def test_the_commit_after_a_full_checkpoint_goes_to_the_writer(db_path: Path) -> None:
+    """A fully checkpointed WAL is restarted by the next commit, and that fsyncs even with
+    synchronous=NORMAL: it must not run on the event loop."""
+    store = await started(db_path)
+    for i in range(3):
+        assert await store.record(make_row(i), alone=True) is True
+    assert store.stats()["inline_commits"] == 2
+    conn = sqlite3.connect(db_path)
+    store._checkpointer.checkpoint(conn)  # what the checkpointer thread does every second
+    conn.close()
+    assert await store.record(make_row(3), alone=True) is True  # the WAL restart: writer thread
+    assert await store.record(make_row(4), alone=True) is True  # then inline again
+    stats = store.stats()
+    await store.close()
+    assert stats["inline_commits"] == 3 and stats["rows_written"] == 5
 
 
 async def test_inline_commit_never_waits_on_a_lock(db_path: Path) -> None:
