@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from litestar import Litestar
 from litestar.openapi import OpenAPIConfig
@@ -23,16 +24,22 @@ from policies.routing import Router
 log = logging.getLogger("aibox.app")
 
 
-async def build_services(settings: Settings, *, reuse: dict[str, Backend] | None = None) -> Services:
+async def build_services(
+    settings: Settings, *, reuse: dict[str, Backend] | None = None, authenticator: Any | None = None
+) -> Services:
     """Construct (not start) everything a request needs. `reuse` maps backend names to already
-    running backends whose config did not change (hot reload)."""
+    running backends whose config did not change, and `authenticator` is the running one when
+    [auth] did not change (hot reload)."""
     backends = {name: (reuse or {}).get(name) or create_backend(name, cfg) for name, cfg in settings.backends.items()}
     services = Services(settings=settings, backends=backends, router=Router(settings, backends))
     # HOOK(auth)
-    if settings.auth.enabled:
+    if authenticator is not None:
+        services.authenticator = authenticator
+    elif settings.auth.enabled:
         from policies.auth import build_authenticator
 
-        services.authenticator = build_authenticator(settings)
+        # Off the loop: it may read key files and fetch a JWKS over the network.
+        services.authenticator = await asyncio.to_thread(build_authenticator, settings)
     # HOOK(ratelimit)
     if settings.ratelimit.enabled:
         from policies.ratelimit import build_limiter

@@ -173,9 +173,9 @@ async def record_refusal(services: Services, scope: Any, err: APIError) -> list[
     request = Request(scope)  # headers only: the body is never read
     call = _new_call(request, endpoint)
     if services.authenticator is not None:
-        try:  # attribute the row to the caller when the token is good; anonymous otherwise
-            call.principal = await services.authenticator.authenticate_async(request.headers.get("authorization"))
-        except auth_policy.AuthError:
+        try:  # attribute the row to the caller when the token is good; anonymous otherwise (no waiting)
+            call.principal = services.authenticator.authenticate(request.headers.get("authorization"))
+        except (auth_policy.AuthError, auth_policy.RefreshNeeded):
             pass
     count(services, call)
     call.fail(err)

@@ -134,7 +134,8 @@ class Reloader:
             if n in old.backends and old.settings.backends.get(n) == cfg and n not in failed
         }
         try:
-            services = await build_services(settings, reuse=reused)
+            same_auth = settings.auth == old.settings.auth
+            services = await build_services(settings, reuse=reused, authenticator=old.authenticator if same_auth else None)
         except (ConfigError, ValueError) as exc:
             return ReloadResult(ok=False, message=f"config reload refused, still serving the previous config: {exc}")
         started = [n for n in services.backends if n not in reused]

@@ -32,6 +32,7 @@ from gateway.settings import ConfigError
 log = logging.getLogger("aibox.auth.jwks")
 
 _MAX_JWKS_BYTES = 1_000_000
+REFRESH_WAIT_S = 5.0  # a request with an unknown kid waits at most this long for the reload
 
 
 def _fetch_url(url: str) -> bytes:
@@ -65,6 +66,7 @@ class JwksCache:
         self._lock = threading.Lock()
         self._executor: ThreadPoolExecutor | None = None  # created on the first reload
         self._inflight: Future[None] | None = None
+        self._closed = False
         try:
             self.load()
         except (OSError, ValueError, jwt.PyJWTError) as exc:
@@ -92,12 +94,14 @@ class JwksCache:
     def _reload_logged(self) -> None:
         try:
             self.load()
-        except (OSError, ValueError, jwt.PyJWTError) as exc:
-            log.warning("JWKS reload failed (keeping %d cached keys): %s", len(self._keys), exc)
+        except Exception as exc:  # noqa: BLE001 - any failure (HTTP, JSON, keys) keeps the cached set
+            log.warning("JWKS reload failed (keeping %d cached keys): %s: %s", len(self._keys), type(exc).__name__, exc)
 
     def _start_reload(self) -> Future[None] | None:
         """The running reload, else a new one if the set is older than `refresh_s`, else None."""
         with self._lock:
+            if self._closed:
+                return None
             if self._inflight is not None and not self._inflight.done():
                 return self._inflight
             if self._clock() - self._loaded_at < self.refresh_s:
@@ -108,11 +112,14 @@ class JwksCache:
             self._inflight = self._executor.submit(self._reload_logged)
             return self._inflight
 
-    async def refresh(self) -> None:
-        """Wait for the running (or a newly allowed) reload; returns at once if none is allowed."""
+    async def refresh(self, timeout_s: float = REFRESH_WAIT_S) -> None:
+        """Wait (at most `timeout_s`) for the running or a newly allowed reload; at once if none."""
         reload = self._start_reload()
         if reload is not None:
-            await asyncio.wrap_future(reload)
+            try:  # shielded: one waiter giving up must not cancel the reload the others share
+                await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(reload)), timeout_s)
+            except TimeoutError:
+                log.warning("JWKS reload still running after %.1fs; verifying with the cached keys", timeout_s)
 
     def key_for(self, kid: str | None, alg: str) -> Any:
         """The key for `kid` usable with `alg`, or None. A lone key serves tokens without kid.
@@ -131,8 +138,10 @@ class JwksCache:
         return key
 
     def close(self) -> None:
+        with self._lock:
+            self._closed = True
         if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.shutdown(wait=False)
 
     def _lookup(self, kid: str | None) -> tuple[str | None, Any] | None:
         if kid is None:

@@ -230,3 +230,14 @@ def test_quota_changes_apply_on_reload_and_count_earlier_usage(tmp_path: Path) -
         wait_for(lambda: gw.app.state.services is not last)
         assert gw.app.state.reloader.last_result.restart_needed == ["audit"]  # quota applied, retention not
         assert ask(client).status_code == 429
+
+
+def test_unchanged_auth_keeps_its_authenticator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret_env = "AIBOX_TEST_RELOAD_SECRET"
+    monkeypatch.setenv(secret_env, "s" * 48)
+    auth = f'[auth]\nenabled = true\nsecret_env = "{secret_env}"\ndev_generate_secret = false'
+    with gateway(tmp_path, lambda url: config_text({"a": url["a"]}, model("m", "a")).replace("[auth]\nenabled = false", auth)) as (gw, path, up):
+        before = gw.app.state.services
+        write(path, config_text({"a": up["a"].url}, model("m", "a") + model("n", "a")).replace("[auth]\nenabled = false", auth))
+        wait_for(lambda: gw.app.state.services is not before)
+        assert gw.app.state.services.authenticator is before.authenticator  # not rebuilt (no key reload)

@@ -359,3 +359,34 @@ def test_jwks_url_is_fetched_from_a_real_server(rsa_key: rsa.RSAPrivateKey) -> N
         httpd.shutdown()
         httpd.server_close()
         thread.join()
+
+
+async def test_jwks_reload_failures_and_slow_reloads_keep_the_cached_keys(rsa_key: rsa.RSAPrivateKey) -> None:
+    import http.client
+
+    calls: list[str] = []
+    good = _jwks(("k1", rsa_key)).encode()
+
+    def fetch(url: str) -> bytes:
+        calls.append(url)
+        if len(calls) == 2:
+            raise http.client.IncompleteRead(b"{")  # not an OSError
+        if len(calls) == 3:
+            time.sleep(1.0)
+        return good
+
+    clock = Clock()
+    cache = JwksCache(url="http://idp.invalid/jwks.json", refresh_s=300, fetch=fetch, clock=clock)
+    auth = Authenticator(AuthSettings(algorithms=["RS256"], jwks_url="http://idp.invalid/jwks.json"), jwks=cache)
+    stranger = jwt.encode(claims(iss=None, aud=None), rsa_key, algorithm="RS256", headers={"kid": "k9"})
+    clock.now += 301
+    with pytest.raises(AuthError, match="kid"):  # the reload failed: a 401, not a 500
+        await auth.authenticate_async(f"Bearer {stranger}")
+    assert cache.num_loads == 1
+    clock.now += 301
+    started = time.monotonic()
+    await cache.refresh(timeout_s=0.2)  # a slow identity provider: the wait is bounded
+    assert time.monotonic() - started < 0.8
+    await asyncio.sleep(1.2)
+    assert cache.num_loads == 2  # and the reload still completed in the background
+    await auth.close()
