@@ -93,17 +93,29 @@ class Drain:
                 await app(scope, receive, send)
                 return
             if self.draining:
-                headers: list[tuple[bytes, bytes]] = []
-                if self.on_refused is not None and scope["method"] == "POST" and scope["path"] in API_PATHS:
-                    try:  # audited like any other rejected request, before the response
-                        headers = await self.on_refused(scope, _REFUSED)
-                    except Exception:
-                        log.exception("could not record a request refused while draining")
-                await _send_error(send, _REFUSED, close=True, headers=headers)
+                await self._refuse(scope, send)
                 return
             await self._run(app, scope, receive, send)
 
         return drain_middleware
+
+    async def _refuse(self, scope: Any, send: Any) -> None:
+        """503 a new request; an API request is recorded first (audit row, metrics, access log),
+        counted as active meanwhile so that shutdown does not close the audit store under it."""
+        headers: list[tuple[bytes, bytes]] = []
+        if self.on_refused is not None and scope["method"] == "POST" and scope["path"].rstrip("/") in API_PATHS:
+            act = _Active(scope)
+            self._active.add(act)
+            self._idle.clear()
+            try:  # audited like any other rejected request, before the response
+                headers = await self.on_refused(scope, _REFUSED)
+            except Exception:
+                log.exception("could not record a request refused while draining")
+            finally:
+                self._active.discard(act)
+                if not self._active:
+                    self._idle.set()
+        await _send_error(send, _REFUSED, close=True, headers=headers)
 
     async def _run(self, app: Any, scope: Any, receive: Any, send: Any) -> None:
         act = _Active(scope)
