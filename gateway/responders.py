@@ -210,20 +210,18 @@ def abandon(
     spawn(services, _abort_cleanup(services, call, opened))
 
 
-def spawn(services: Services, coro: Any) -> None:
+def spawn(services: Services, coro: Any) -> asyncio.Task[Any]:
     """Run cleanup in the background; a drain waits for it (services.background)."""
     task = asyncio.get_running_loop().create_task(coro)
     services.background.add(task)
     task.add_done_callback(services.background.discard)
+    return task
 
 
 async def finish_uninterrupted(services: Services, call: Call) -> None:
     """finish() that a client disconnect (which cancels the stream) cannot cut in half: the
     limits are settled and the row written exactly once, with the status the stream reached."""
-    task = asyncio.ensure_future(finish(services, call))
-    services.background.add(task)
-    task.add_done_callback(services.background.discard)
-    await asyncio.shield(task)
+    await asyncio.shield(spawn(services, finish(services, call)))
 
 
 async def close_streams(opened: Opened | None) -> None:
