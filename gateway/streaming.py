@@ -60,7 +60,10 @@ class ClientWatch:
         return self
 
     async def _watch(self) -> None:
-        while (await self.receive())["type"] != "http.disconnect":
+        try:
+            while (await self.receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a broken receive: the connection is gone as far as we can tell
             pass
         if self.armed:  # the cancel lands inside the block: the task is suspended in it now
             self.client_gone = True

@@ -181,3 +181,13 @@ async def test_a_stream_that_never_started_is_cleaned_up() -> None:
     await asyncio.gather(*list(services.background))
     assert [r.status for r in services.audit.rows] == [499]  # recorded, as a client that left
     assert services.router.state()["f"]["in_flight"] == 0  # the opened attempt was ended
+
+
+async def test_a_broken_receive_counts_as_the_client_leaving() -> None:
+    async def broken_receive() -> dict[str, Any]:
+        await asyncio.sleep(0.02)
+        raise RuntimeError("transport gone")
+
+    async with ClientWatch(broken_receive) as watch:
+        await asyncio.sleep(10)
+    assert watch.client_gone
