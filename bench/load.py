@@ -18,6 +18,7 @@ import sqlite3
 import sys
 import time
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from backends.upstream_http import ConnectionPool, TransportError
@@ -76,8 +77,13 @@ def check(status: int, body: bytes, stream: bool, stats: Stats) -> None:
         stats.failures["incomplete JSON body"] += 1
 
 
-async def run_pool(url: str, plan: list[tuple[bytes, bool]], concurrency: int, keys: list[str], stats: Stats) -> None:
-    pool = ConnectionPool(url, max_connections=concurrency, connect_timeout_s=30)
+# post(body, headers) -> (status, headers, body); raises the client's transport error
+Post = Callable[[bytes, dict[str, str]], Awaitable[tuple[int, Any, bytes]]]
+
+
+async def drive(post: Post, transport_errors: tuple[type[BaseException], ...], plan: list[tuple[bytes, bool]],
+                concurrency: int, keys: list[str], stats: Stats) -> None:  # fmt: skip
+    """`concurrency` workers send the plan in order through `post` and check every response."""
     next_index = 0
 
     async def worker() -> None:
@@ -89,19 +95,29 @@ async def run_pool(url: str, plan: list[tuple[bytes, bool]], concurrency: int, k
             headers = {"authorization": "Bearer " + keys[i % len(keys)], "content-type": "application/json"}
             t0 = time.perf_counter()
             try:
-                resp = await pool.request("POST", "/v1/chat/completions", body, headers)
-                data = await resp.aread()
-                await resp.aclose()
-            except TransportError as exc:
+                status, resp_headers, data = await post(body, headers)
+            except transport_errors as exc:
                 stats.failures[f"transport: {type(exc).__name__}"] += 1
                 continue
             stats.latencies.append(time.perf_counter() - t0)
-            if "x-aibox-overhead-ms" in resp.headers:
-                stats.overhead_ms.append(float(resp.headers["x-aibox-overhead-ms"]))
-            check(resp.status_code, data, stream, stats)
+            if "x-aibox-overhead-ms" in resp_headers:
+                stats.overhead_ms.append(float(resp_headers["x-aibox-overhead-ms"]))
+            check(status, data, stream, stats)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+
+
+async def run_pool(url: str, plan: list[tuple[bytes, bool]], concurrency: int, keys: list[str], stats: Stats) -> None:
+    pool = ConnectionPool(url, max_connections=concurrency, connect_timeout_s=30)
+
+    async def post(body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+        resp = await pool.request("POST", "/v1/chat/completions", body, headers)
+        data = await resp.aread()
+        await resp.aclose()
+        return resp.status_code, resp.headers, data
 
     try:
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await drive(post, (TransportError,), plan, concurrency, keys, stats)
     finally:
         await pool.aclose()
 
@@ -111,27 +127,12 @@ async def run_httpx(url: str, plan: list[tuple[bytes, bool]], concurrency: int, 
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        next_index = 0
 
-        async def worker() -> None:
-            nonlocal next_index
-            while next_index < len(plan):
-                i = next_index
-                next_index += 1
-                body, stream = plan[i]
-                headers = {"authorization": "Bearer " + keys[i % len(keys)], "content-type": "application/json"}
-                t0 = time.perf_counter()
-                try:
-                    r = await client.post("/v1/chat/completions", content=body, headers=headers)
-                except httpx.TransportError as exc:
-                    stats.failures[f"transport: {type(exc).__name__}"] += 1
-                    continue
-                stats.latencies.append(time.perf_counter() - t0)
-                if "x-aibox-overhead-ms" in r.headers:
-                    stats.overhead_ms.append(float(r.headers["x-aibox-overhead-ms"]))
-                check(r.status_code, r.content, stream, stats)
+        async def post(body: bytes, headers: dict[str, str]) -> tuple[int, Any, bytes]:
+            r = await client.post("/v1/chat/completions", content=body, headers=headers)
+            return r.status_code, r.headers, r.content
 
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        await drive(post, (httpx.TransportError,), plan, concurrency, keys, stats)
 
 
 def audit_rows(db: str) -> int:
