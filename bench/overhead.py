@@ -200,6 +200,7 @@ def main() -> int:
     p.add_argument("--n32", type=int, default=10000, help="requests at concurrency 32")
     p.add_argument("--disable", default="", help="comma list of auth,ratelimit,audit to turn off (ablation)")
     p.add_argument("--modes", default="json,sse", help="json,sse")
+    p.add_argument("--no-access-log", action="store_true", help='server.log_level = "warning" (ablation)')
     p.add_argument("--floor", action="store_true", help="measure bare uvicorn and Litestar relays instead (c=1, JSON)")
     p.add_argument("--upstream", type=int, default=None, help=argparse.SUPPRESS)  # child mode
     p.add_argument("--relay", nargs=3, default=None, help=argparse.SUPPRESS)  # child mode: KIND PORT UPSTREAM_PORT
@@ -229,6 +230,8 @@ def main() -> int:
         "audit": {"path": str(folder / "usage.db")},
         "backends.up": {"type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "tiny"},
     }
+    if args.no_access_log:
+        tables["server"] = {"log_level": "warning"}
     for part in filter(None, args.disable.split(",")):
         tables[part] = {"enabled": False}
         tables.pop(f"{part}.tiers.default", None)
@@ -254,7 +257,8 @@ def main() -> int:
         upstream.terminate()
         upstream.wait()
     print(f"machine: {machine()}")
-    print(f"aibox exit status after SIGTERM: {rc}; disabled: {args.disable or 'nothing (auth, limits, audit on)'}")
+    print(f"aibox exit status after SIGTERM: {rc}; disabled: {args.disable or 'nothing (auth, limits, audit on)'}"
+          f"{'; access log off' if args.no_access_log else ''}")
     print("| mode | c | direct p50 ms | aibox p50 ms | p50 overhead ms | x-aibox-overhead-ms p50 | direct p99 | aibox p99 | direct RPS | aibox RPS | aibox/direct RPS | aibox CPU us/req | RPS/worker core |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     failed = False
