@@ -1,28 +1,31 @@
-"""Usage audit store: one SQLite row per request, committed before the response completes.
+"""Usage audit store: one SQLite row per request, durable before the response completes.
 
     store = AuditStore(settings.audit)
     await store.start()                       # open db, migrate, seed quota totals, start writer
     await store.check_quota(principal)        # admission: raises QuotaExhausted (-> 429)
     await store.record(AuditRecord(...))      # before the last byte of the response is sent
+    await store.flush()                       # wait until every row so far is in SQLite
     store.health(), store.stats()             # /ready detail, /metrics gauges and counters
     await store.close()                       # flush everything, stop the writer
 
-`record()` hands the row to a single writer thread (gateway/audit_writer.py) that commits
-everything queued in one transaction (group commit) and resolves the waiting requests; when
-that writer is idle the loop commits the lone row itself (`AuditWriter.commit_inline`). A row
-acknowledged to a client is in the WAL, so `kill -9` of the gateway cannot lose it (see
-gateway/audit_schema.py for the synchronous=NORMAL reasoning). If the database cannot be
-written (disk full, locked by another process) `record()` still returns, after at most
-`commit_wait_s`, or at once while the store is known to be failing; the rows stay queued in
-memory (bounded by `audit.buffer_rows`) and the writer retries until it recovers. That state
-is loud: error logs, `stats()` counters and `health()["ok"] = False`.
+`record()` appends the row to this process's spool file (gateway/audit_spool.py: one write(2),
+the same durability as a WAL commit with synchronous=NORMAL, so `kill -9` of the gateway cannot
+lose a row a client saw acknowledged) and hands it to a single writer thread
+(gateway/audit_writer.py) that commits everything queued in one transaction (group commit),
+off the request path. After a crash the next start replays the spool. With
+`synchronous = "full"` there is no spool: `record()` waits for the fsynced group commit.
+
+If the database cannot be written (disk full, locked by another process) the rows stay queued
+in memory (bounded by `audit.buffer_rows`) and in the spool, and the writer retries until it
+recovers; without a spool `record()` still returns, after at most `commit_wait_s`, or at once
+while the store is known to be failing. That state is loud: error logs, `stats()` counters and
+`health()["ok"] = False`. If the spool itself cannot be written, rows take the waiting path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,7 +37,8 @@ from gateway.audit_checkpoint import WRITER_CHECKPOINT_PAGES, Checkpointer
 from gateway.audit_queries import quota_seed_rows
 from gateway.audit_quota import QuotaExhausted, QuotaTracker
 from gateway.audit_schema import AuditRecord, connect
-from gateway.audit_writer import AuditWriter
+from gateway.audit_spool import Spool, recover, spool_dir
+from gateway.audit_writer import AuditWriter, insert_rows
 from gateway.settings import AuditSettings
 from policies.auth import Principal
 
@@ -43,16 +47,14 @@ __all__ = ["AuditRecord", "AuditStore", "QuotaExhausted"]
 log = logging.getLogger("aibox.audit")
 
 
-def _inline_connection(path: Path) -> sqlite3.Connection:
-    """The event loop's own write connection: never waits for a lock, never checkpoints (the
-    checkpointer thread does), same durability as the writer's (WAL, synchronous=NORMAL)."""
-    conn = sqlite3.connect(str(path), check_same_thread=False, timeout=0)
-    conn.execute("PRAGMA busy_timeout = 0")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.execute("PRAGMA wal_autocheckpoint = 0")
-    conn.execute("PRAGMA journal_size_limit = 67108864")  # as the writer's, should it restart the WAL
-    conn.execute("PRAGMA cache_size = -16384")
-    return conn
+def recover_spools(db: Any, path: str | Path) -> int:
+    """Replay the spools a crashed gateway left next to the database at `path` (best effort:
+    a database that cannot be written now keeps them for the next try)."""
+    try:
+        return recover(db.conn, spool_dir(path), insert_rows)
+    except Exception as exc:
+        log.error("audit: could not replay the spool in %s (%s); it is kept for the next start", spool_dir(path), exc)
+        return 0
 
 
 def _expire(fut: asyncio.Future[bool]) -> None:
@@ -81,14 +83,19 @@ class AuditStore:
         self.quotas = QuotaTracker(settings.tenant_quotas, settings.subject_quotas, clock)
         self._writer: AuditWriter | None = None
         self._checkpointer: Checkpointer | None = None
+        self._spool: Spool | None = None
         self._num_wait_timeouts = 0
         self._num_dropped_closed = 0
+        self._num_spool_failures = 0
+        self._last_spool_log = 0.0
+        self.num_recovered = 0
 
     async def start(self) -> None:
         """Open (or create and migrate) the database, seed quota totals, start the writer."""
         db = await asyncio.to_thread(
             connect, self.path, synchronous=self.settings.synchronous, busy_timeout_ms=self._busy_timeout_ms
         )
+        self.num_recovered = await asyncio.to_thread(recover_spools, db, self.path)  # before seeding quotas
         # Totals of every tenant and subject, quotas or not (~26 ms at 1M rows): a reload may add quotas.
         self.quotas.seed(await asyncio.to_thread(quota_seed_rows, db, self._clock()))
         # Checkpoints run on their own thread; the writer checkpoints only as a backstop when a
@@ -98,12 +105,12 @@ class AuditStore:
         self._writer = AuditWriter(
             db, buffer_rows=self.settings.buffer_rows, retention_days=self.settings.retention_days, clock=self._clock
         )
-        self._checkpointer = Checkpointer(
-            self.path, busy_timeout_ms=self._busy_timeout_ms, on_backfilled=self._writer.wal_backfilled
-        )
+        self._checkpointer = Checkpointer(self.path, busy_timeout_ms=self._busy_timeout_ms)
         self._checkpointer.start()
-        if self.settings.synchronous != "full":  # an inline fsync would stall the event loop
-            self._writer.inline_conn = _inline_connection(self.path)
+        if self.settings.synchronous != "full":  # "full" waits for the fsynced commit instead
+            spool = Spool(spool_dir(self.path))
+            await asyncio.to_thread(spool.open)
+            self._spool = self._writer.spool = spool
         self._writer.start()
         log.info("audit store at %s (synchronous=%s)", self.path, self.settings.synchronous)
 
@@ -118,14 +125,13 @@ class AuditStore:
         """Raise QuotaExhausted if the principal's tenant or subject is out of tokens."""
         self.quotas.check(principal.tenant, principal.subject)
 
-    async def record(self, row: AuditRecord, *, alone: bool = False) -> bool:
-        """Store one request's row; return True once committed, False if it is only buffered.
+    async def record(self, row: AuditRecord) -> bool:
+        """Store one request's row; True once it is durable (in the spool, or committed),
+        False if it is only buffered in memory.
 
-        Waits for the group commit (typically well under a millisecond), at most
-        `commit_wait_s`; while the store is failing it does not wait at all. `alone`: the
-        caller knows no other request is in flight, so the row may be committed right here on
-        the loop when the writer is idle (a lone request's ~0.1 ms commit then delays nobody;
-        concurrent requests keep the group commit, which is cheaper per row).
+        With the spool this never waits. Without it (synchronous=full, or the spool failing)
+        it waits for the group commit (typically well under a millisecond), at most
+        `commit_wait_s`; while the store is failing it does not wait at all.
         """
         if not self.settings.store_content and (row.request_content is not None or row.response_content is not None):
             row = msgspec.structs.replace(row, request_content=None, response_content=None)
@@ -135,11 +141,18 @@ class AuditStore:
             self._num_dropped_closed += 1
             log.error("audit store is not running: row for request %s dropped", row.request_id)
             return False
+        spool = self._spool
+        if spool is not None:
+            try:
+                segment = spool.append(row)
+            except (OSError, TypeError, ValueError, OverflowError) as exc:  # disk full, or a row JSON cannot hold
+                self._spool_failed(row, exc)
+            else:
+                writer.submit(row, None, segment)  # durable already: the commit happens off the request path
+                return True
         if writer.failing_since is not None:
             writer.submit(row, None)  # buffered; the writer retries it
             return False
-        if alone and writer.commit_inline(row):  # no thread hand-offs
-            return True
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[bool] = loop.create_future()
         if not writer.submit(row, (loop, fut)):
@@ -153,6 +166,23 @@ class AuditStore:
         if not committed:
             self._num_wait_timeouts += 1
         return committed
+
+    def _spool_failed(self, row: AuditRecord, exc: Exception) -> None:
+        self._num_spool_failures += 1
+        now = time.monotonic()
+        if now - self._last_spool_log >= 10.0:
+            self._last_spool_log = now
+            log.error("audit spool cannot be written (%s: %s); request %s waits for the database commit instead "
+                      "(%d such rows so far)", type(exc).__name__, exc, row.request_id, self._num_spool_failures)  # fmt: skip
+
+    async def flush(self, timeout_s: float = 10.0) -> bool:
+        """Wait until every row recorded so far is committed (or given up); False on timeout."""
+        deadline = time.monotonic() + timeout_s
+        while self._writer is not None and self._writer.queue_depth:
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.002)
+        return True
 
     def health(self) -> dict[str, Any]:
         """Readiness detail for /ready.
@@ -191,7 +221,8 @@ class AuditStore:
         return {
             "rows_written": w.num_rows_written,
             "batches": w.num_batches,
-            "inline_commits": w.num_inline_commits,
+            "spool_failures": self._num_spool_failures,
+            "rows_recovered": self.num_recovered,
             "commit_failures": w.num_failures,
             "rows_dropped": w.num_dropped + self._num_dropped_closed,
             "rows_rejected": w.num_rejected,
@@ -211,9 +242,6 @@ class AuditStore:
         w, self._writer = self._writer, None
         if w is None:
             return
-        inline, w.inline_conn = w.inline_conn, None
-        if inline is not None:
-            inline.close()
         w.set_stop_deadline(time.monotonic() + self._close_timeout_s)
         w.stop()
         await asyncio.to_thread(w.join, self._close_timeout_s + 5)
@@ -222,6 +250,9 @@ class AuditStore:
             self._checkpointer = None
         if w.queue_depth:
             log.error("audit store closed with %d rows not written (%s)", w.queue_depth, w.last_error)
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()  # removes its files when every row is committed; else keeps them for replay
         await asyncio.to_thread(self._close_db, w)
 
     @staticmethod

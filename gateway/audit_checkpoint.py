@@ -18,7 +18,6 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger("aibox.audit")
@@ -36,16 +35,12 @@ class Checkpointer(threading.Thread):
         *,
         interval_s: float = 1.0,
         busy_timeout_ms: int = 5000,
-        on_backfilled: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(name="aibox-audit-checkpoint", daemon=True)
         self._path = str(path)
         self._interval_s = interval_s
         self._busy_timeout_ms = busy_timeout_ms
         self._stop_event = threading.Event()
-        # Called when a checkpoint has copied every frame: the next commit restarts the WAL,
-        # which fsyncs its header even with synchronous=NORMAL.
-        self._on_backfilled = on_backfilled
         self.num_checkpoints = 0
         self.wal_frames = 0  # WAL size after the last checkpoint, in pages
         self.last_error: str | None = None
@@ -62,15 +57,13 @@ class Checkpointer(threading.Thread):
     def checkpoint(self, conn: sqlite3.Connection) -> None:
         """One passive checkpoint; failures are logged (rate-limited) and retried next time."""
         try:
-            _busy, wal_frames, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            _busy, wal_frames, _copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
             self.last_error = f"{type(exc).__name__}: {exc}"
             self._log(logging.ERROR, "audit WAL checkpoint failed: %s", self.last_error)
             return
         self.num_checkpoints += 1
         self.wal_frames = wal_frames
-        if wal_frames > 0 and copied == wal_frames and self._on_backfilled is not None:
-            self._on_backfilled()
         if wal_frames > WARN_WAL_FRAMES:
             self._log(logging.WARNING, "audit WAL has %d pages after a checkpoint: a reader may be holding it", wal_frames)
 

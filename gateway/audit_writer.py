@@ -1,12 +1,10 @@
 """The audit store's single writer thread: group commit, retry while failing, retention.
 
 Requests hand rows to `submit()`; the thread takes everything queued, writes it and its
-daily rollups in one transaction, commits, then wakes each waiting request on its event loop.
-Under load this is many rows per commit. When the writer is idle, `commit_inline()` lets the
-event loop commit a row itself on a second connection instead: a lone request then skips two
-thread hand-offs (wake the writer, wake the loop), which cost more than the ~0.1 ms commit.
-That connection never waits on a lock (busy_timeout 0): if the writer, a checkpoint backstop,
-retention or another process holds the database, the row goes to the writer's queue instead.
+daily rollups in one transaction, commits, then wakes each waiting request on its event loop
+(with synchronous=full; otherwise nobody waits: the row is already durable in the spool, see
+gateway/audit_spool.py, and the writer tells the spool when its rows are committed). Under
+load this is many rows per commit.
 
 When a commit fails with an operational error (disk full, database locked by another
 process, I/O error) the batch goes back to the head of the queue and is retried with backoff,
@@ -32,10 +30,16 @@ from msgspec.structs import astuple
 
 from gateway.audit_queries import prune
 from gateway.audit_schema import INSERT_SQL, ROLLUPS, UPSERT_SQL, utc_day
+from gateway.audit_spool import Segment, Spool
 
 log = logging.getLogger("aibox.audit")
 
 MAX_BATCH_ROWS = 10_000  # bounds one transaction's duration (and WAL growth) under a burst
+# Spooled rows are durable already and nobody waits for their commit, so the writer lets them
+# gather for this long: one transaction per ~10 ms instead of one per row keeps the thread (and
+# its GIL hand-offs with the event loop) off the request path. Rows become visible to queries
+# that much later. A row someone waits for (synchronous=full) is committed at once.
+SPOOLED_COMMIT_DELAY_S = 0.01
 LOG_EVERY_S = 10.0  # repeated-failure logs: loud but not one line per request
 RETENTION_EVERY_S = 3600.0
 RETENTION_BATCH_ROWS = 2000
@@ -43,14 +47,60 @@ RETENTION_BATCH_ROWS = 2000
 _FINEST = ROLLUPS["daily_usage"]
 _PROJECTIONS = {table: [_FINEST.index(k) for k in keys] for table, keys in ROLLUPS.items()}
 
-# (record, enqueue time, waiter) ; waiter is (loop, future) for a request awaiting the commit
-Item = tuple[Any, float, "tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]] | None"]
+# (record, enqueue time, waiter, spool segment); waiter is (loop, future) for a request awaiting
+# the commit, segment the spool file holding the row (None when the row is not spooled)
+Waiter = tuple[asyncio.AbstractEventLoop, "asyncio.Future[bool]"]
+Item = tuple[Any, float, "Waiter | None", "Segment | None"]
 
 
 def _resolve(futures: list[asyncio.Future[bool]], ok: bool) -> None:
     for fut in futures:
         if not fut.done():  # the request may have stopped waiting (timeout, disconnect)
             fut.set_result(ok)
+
+
+def insert_rows(conn: sqlite3.Connection, records: list[Any]) -> None:
+    """The rows and their rollup increments, inside the current transaction."""
+    rows, rollups = _encode(records)
+    conn.executemany(INSERT_SQL, rows)
+    for table, values in rollups.items():
+        conn.executemany(UPSERT_SQL[table], values)
+
+
+def _encode(records: list[Any]) -> tuple[list[tuple[Any, ...]], dict[str, list[tuple[Any, ...]]]]:
+    rows = []
+    fine: dict[tuple[Any, ...], list[float]] = {}
+    days: dict[int, str] = {}  # a batch spans one or two UTC days: format each once
+    for record in records:
+        model = record.model_served or record.model_requested
+        rows.append((*astuple(record), model))
+        day_num = int(record.ts // 86400)
+        day = days.get(day_num) or days.setdefault(day_num, utc_day(record.ts))
+        key = (day, record.tenant or "", record.subject, model or "", record.deployment or "", record.status)
+        agg = fine.get(key)
+        if agg is None:
+            agg = fine[key] = [0, 0, 0, 0, 0.0, 0.0, 0]
+        agg[0] += 1
+        agg[1] += record.status >= 400
+        agg[2] += record.prompt_tokens
+        agg[3] += record.completion_tokens
+        agg[4] += record.total_ms
+        if record.ttft_ms is not None:
+            agg[5] += record.ttft_ms
+            agg[6] += 1
+    rollups = {}
+    for table, pick in _PROJECTIONS.items():  # coarser rollups are sums over the finest
+        acc: dict[tuple[Any, ...], list[float]] = {}
+        for key, agg in fine.items():
+            sub = tuple(key[i] for i in pick)
+            cur = acc.get(sub)
+            if cur is None:
+                acc[sub] = list(agg)
+            else:
+                for i, v in enumerate(agg):
+                    cur[i] += v
+        rollups[table] = [(*k, *v) for k, v in acc.items()]
+    return rows, rollups
 
 
 class AuditWriter(threading.Thread):
@@ -71,6 +121,7 @@ class AuditWriter(threading.Thread):
         self._clock = clock
         self._cond = threading.Condition()
         self._queue: deque[Item] = deque()
+        self._num_waiters = 0  # queued rows whose request waits for the commit
         self._num_in_flight = 0
         self._stopping = False
         self._next_retention = 0.0  # run retention soon after start
@@ -88,18 +139,16 @@ class AuditWriter(threading.Thread):
         self.last_error: str | None = None
         self._last_drop_log = 0.0
         self._last_fail_log = 0.0
-        self.inline_conn: sqlite3.Connection | None = None  # set by the store; used from the loop only
-        self.num_inline_commits = 0
-        # The next commit restarts the WAL (it was fully checkpointed; also true at start) and so
-        # fsyncs: that one goes through this thread, never inline on the event loop.
-        self.wal_restart_due = True
+        self.spool: Spool | None = None  # set by the store before start(); told when spooled rows are committed
 
     # ------------------------------------------------------------------ called from the loop
-    def submit(self, record: Any, waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[bool]] | None) -> bool:
+    def submit(self, record: Any, waiter: Waiter | None, segment: Segment | None = None) -> bool:
         """Queue a row; False if the buffer is full and the row was dropped (and counted)."""
         with self._cond:
             if len(self._queue) + self._num_in_flight >= self._buffer_rows:
                 self.num_dropped += 1
+                if segment is not None and self.spool is not None:
+                    self.spool.done(segment)
                 now = time.monotonic()
                 if now - self._last_drop_log >= LOG_EVERY_S:
                     self._last_drop_log = now
@@ -108,44 +157,13 @@ class AuditWriter(threading.Thread):
                         self._buffer_rows, self.num_dropped, self.last_error,
                     )  # fmt: skip
                 return False
-            self._queue.append((record, time.monotonic(), waiter))
-            self._cond.notify()
+            if waiter is not None:
+                self._num_waiters += 1
+                self._cond.notify()
+            elif not self._queue:  # the first row wakes the writer; it then lets more gather
+                self._cond.notify()
+            self._queue.append((record, time.monotonic(), waiter, segment))
         return True
-
-    def commit_inline(self, record: Any) -> bool:
-        """Commit one row on the calling thread if the writer is idle; False: not written, submit() it.
-
-        Only when nothing is queued or being written (so rows are never reordered behind a
-        batch, and under load the group commit keeps its batching) and the store is healthy.
-        """
-        conn = self.inline_conn
-        if conn is None or self.wal_restart_due or self.failing_since is not None or self._stopping:
-            return False
-        with self._cond:  # the writer pops a batch and marks it in flight under this lock
-            if self._queue or self._num_in_flight:
-                return False
-        start = time.perf_counter()
-        try:
-            conn.execute("BEGIN IMMEDIATE")  # fails at once (SQLITE_BUSY) if anyone else is writing
-            self._insert([(record, 0.0, None)], conn)
-            conn.commit()
-        except (sqlite3.Error, TypeError, ValueError, OverflowError):
-            try:  # busy, full, I/O or a bad row: the writer owns retries, isolation and the logs
-                conn.rollback()
-            except sqlite3.Error:
-                pass
-            return False
-        with self._cond:
-            self.num_rows_written += 1
-            self.num_batches += 1
-            self.num_inline_commits += 1
-            self.max_batch_rows = max(self.max_batch_rows, 1)
-            self.last_commit_ms = (time.perf_counter() - start) * 1000
-        return True
-
-    def wal_backfilled(self) -> None:
-        """The checkpointer copied every WAL frame: send the next commit (a WAL restart) here."""
-        self.wal_restart_due = True
 
     def stop(self) -> None:
         """Ask the thread to drain the queue and exit."""
@@ -180,9 +198,17 @@ class AuditWriter(threading.Thread):
                     self._cond.wait(timeout=self._retention_wait())
                 if backoff:
                     self._cond.wait(timeout=backoff)  # failing: pause before the retry (stop() cuts it short once)
+                elif self._queue and not self._num_waiters and not self._stopping:
+                    gather_until = self._queue[0][1] + SPOOLED_COMMIT_DELAY_S
+                    while not self._num_waiters and not self._stopping and len(self._queue) < MAX_BATCH_ROWS:
+                        remaining = gather_until - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        self._cond.wait(timeout=remaining)
                 if not self._queue and self._stopping:
                     return
                 batch = [self._queue.popleft() for _ in range(min(len(self._queue), MAX_BATCH_ROWS))]
+                self._num_waiters -= sum(1 for item in batch if item[2] is not None)
                 self._num_in_flight = len(batch)
             if self._retention_due() and not self._stopping and not backoff:
                 self._run_retention()
@@ -192,6 +218,7 @@ class AuditWriter(threading.Thread):
                     self._num_in_flight = 0
                     if not ok:
                         self._queue.extendleft(reversed(batch))  # retry first, keep order
+                        self._num_waiters += sum(1 for item in batch if item[2] is not None)
                 backoff = 0.0 if ok else min(1.0, max(0.05, backoff * 2))
                 if not ok and self._stopping and self._stop_deadline_passed():
                     return
@@ -210,7 +237,6 @@ class AuditWriter(threading.Thread):
             log.error("audit batch could not be encoded (%s); writing its rows one by one", exc)
             return self._write_one_by_one(batch)
         self.last_commit_ms = (time.perf_counter() - start) * 1000
-        self.wal_restart_due = False
         self._committed(batch)
         return True
 
@@ -241,65 +267,38 @@ class AuditWriter(threading.Thread):
             return False
         self._committed(good)
         self._notify(bad, ok=False)
+        self._release(bad)
         return True
 
-    def _insert(self, batch: list[Item], conn: sqlite3.Connection | None = None) -> None:
-        """The rows and their rollup increments, inside the current transaction."""
-        rows, rollups = self._encode(batch)
-        conn = conn or self.db.conn
-        conn.executemany(INSERT_SQL, rows)
-        for table, values in rollups.items():
-            conn.executemany(UPSERT_SQL[table], values)
-
-    @staticmethod
-    def _encode(batch: list[Item]) -> tuple[list[tuple[Any, ...]], dict[str, list[tuple[Any, ...]]]]:
-        rows = []
-        fine: dict[tuple[Any, ...], list[float]] = {}
-        days: dict[int, str] = {}  # a batch spans one or two UTC days: format each once
-        for record, _, _ in batch:
-            model = record.model_served or record.model_requested
-            rows.append((*astuple(record), model))
-            day_num = int(record.ts // 86400)
-            day = days.get(day_num) or days.setdefault(day_num, utc_day(record.ts))
-            key = (day, record.tenant or "", record.subject, model or "", record.deployment or "", record.status)
-            agg = fine.get(key)
-            if agg is None:
-                agg = fine[key] = [0, 0, 0, 0, 0.0, 0.0, 0]
-            agg[0] += 1
-            agg[1] += record.status >= 400
-            agg[2] += record.prompt_tokens
-            agg[3] += record.completion_tokens
-            agg[4] += record.total_ms
-            if record.ttft_ms is not None:
-                agg[5] += record.ttft_ms
-                agg[6] += 1
-        rollups = {}
-        for table, pick in _PROJECTIONS.items():  # coarser rollups are sums over the finest
-            acc: dict[tuple[Any, ...], list[float]] = {}
-            for key, agg in fine.items():
-                sub = tuple(key[i] for i in pick)
-                cur = acc.get(sub)
-                if cur is None:
-                    acc[sub] = list(agg)
-                else:
-                    for i, v in enumerate(agg):
-                        cur[i] += v
-            rollups[table] = [(*k, *v) for k, v in acc.items()]
-        return rows, rollups
+    def _insert(self, batch: list[Item]) -> None:
+        insert_rows(self.db.conn, [item[0] for item in batch])
 
     def _committed(self, batch: list[Item]) -> None:
-        with self._cond:  # commit_inline() updates these from the loop's thread
-            self.num_rows_written += len(batch)
-            self.num_batches += 1
-            self.max_batch_rows = max(self.max_batch_rows, len(batch))
+        self.num_rows_written += len(batch)
+        self.num_batches += 1
+        self.max_batch_rows = max(self.max_batch_rows, len(batch))
         if self.failing_since is not None:
             log.warning("audit store recovered after %.1fs of failures", time.monotonic() - self.failing_since)
             self.failing_since = None
         self._notify(batch, ok=True)
+        self._release(batch)
+
+    def _release(self, batch: list[Item]) -> None:
+        """These rows are done with (committed, or rejected): their spool lines may go."""
+        spool = self.spool
+        if spool is None:
+            return
+        counts: dict[Segment, int] = {}
+        for item in batch:
+            segment = item[3]
+            if segment is not None:
+                counts[segment] = counts.get(segment, 0) + 1
+        for segment, num in counts.items():
+            spool.done(segment, num)
 
     def _notify(self, batch: list[Item], *, ok: bool) -> None:
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
-        for _, _, waiter in batch:
+        for _, _, waiter, _ in batch:
             if waiter is not None:
                 by_loop.setdefault(waiter[0], []).append(waiter[1])
         for loop, futures in by_loop.items():  # one wake-up per loop per batch, not per row

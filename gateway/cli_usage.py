@@ -89,7 +89,11 @@ def _audit_settings(args: argparse.Namespace) -> AuditSettings:
 def _open(settings: AuditSettings) -> Any:
     if not Path(settings.path).exists():
         raise ValueError(f"no audit database at {settings.path} (set [audit] path in the config, or pass --db)")
-    return connect(settings.path)
+    from gateway.audit import recover_spools
+
+    db = connect(settings.path)
+    recover_spools(db, settings.path)  # rows a crashed gateway left in its spool count too
+    return db
 
 
 # ---------------------------------------------------------------------------- output

@@ -1,5 +1,7 @@
 """Per-request state (`Call`), the services a request uses (`Services`), and the end of
-every request: settle the rate-limit reservation, write the audit row, observe metrics, log."""
+every request: settle the rate-limit reservation and write the audit row (`finish`, before the
+response's last byte), then observe metrics and log (`report`, after it when the response
+runs it: nothing the client waits for)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 from backends.base import Backend
@@ -72,6 +75,8 @@ class Call:
     settled: bool = False
     counted: bool = False  # in services.in_flight; uncounted once, by finish() or the handler
     finished: bool = False  # finish() has run (or is running): limits settled, row recorded
+    report_later: bool = False  # the response calls report() after its last byte; finish() does not
+    reported: bool = False
     echo: list[str] | None = None  # completions `echo`: the prompt of each choice, prepended by us
     scope: dict[str, Any] | None = None  # the ASGI scope: tells a drain abort from a client leaving
 
@@ -111,9 +116,18 @@ async def _finish(services: Services, call: Call) -> None:
     # HOOK(audit)
     if services.audit is not None:
         try:
-            await services.audit.record(_audit_record(call), alone=services.in_flight <= 1)
+            await services.audit.record(_audit_record(call))
         except Exception:
             log.exception("audit record failed for %s", call.request_id)
+    if not call.report_later:
+        report(services, call)
+
+
+def report(services: Services, call: Call) -> None:
+    """Metrics and the access line, once per call, after finish()."""
+    if call.reported:
+        return
+    call.reported = True
     # HOOK(metrics)
     if services.metrics is not None:
         try:
@@ -121,6 +135,17 @@ async def _finish(services: Services, call: Call) -> None:
         except Exception:
             log.exception("metrics failed for %s", call.request_id)
     request_log.log_call(call)
+
+
+def report_after_response(services: Services, call: Call) -> Callable[[], None]:
+    """For a response's `after`: report once it has sent its last byte, unless the call was cut
+    off (then its background cleanup reports at the end of finish())."""
+
+    def after() -> None:
+        if call.report_later and call.finished:
+            report(services, call)
+
+    return after
 
 
 def count(services: Services, call: Call) -> None:

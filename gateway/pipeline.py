@@ -19,7 +19,7 @@ from litestar import Request
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from gateway import convert
-from gateway.context import Call, Services, count, finish, overhead_ms, uncount
+from gateway.context import Call, Services, count, finish, overhead_ms, report_after_response, uncount
 from gateway.errors import (
     APIError,
     Forbidden,
@@ -49,23 +49,25 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
     """Serve one chat/completions request; every outcome is recorded."""
     call = _new_call(request, endpoint)
     count(services, call)
+    call.report_later = True  # metrics and the access line: after the response's last byte
     response: JSONResponse | SSEResponse | None = None
     try:
         response = await _handle(services, request, call)
-        return response
     except APIError as err:
         call.fail(err)
         await finish(services, call)
-        return _error_response(err, call)
+        response = _error_response(err, call)
     except Exception:
         log.exception("request %s failed", call.request_id)
         err = ServerError("The server had an error while processing your request.")
         call.fail(err)
         await finish(services, call)
-        return _error_response(err, call)
+        response = _error_response(err, call)
     finally:
         if not isinstance(response, SSEResponse):  # a stream's generator calls finish() at its end
             uncount(services, call)
+    response.after = report_after_response(services, call)
+    return response
 
 
 def _new_call(request: Request[Any, Any, Any], endpoint: str) -> Call:

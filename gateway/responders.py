@@ -200,6 +200,7 @@ def abandon(
     to do once finish() has begun: it completes on its own (finish_uninterrupted)."""
     if call.finished:
         return
+    call.report_later = False  # the background cleanup reports when its finish() is done
     if pending is not None:
         if not pending.done():
             pending.cancel()  # open_with_failover ends its attempt on cancel

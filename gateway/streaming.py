@@ -23,17 +23,22 @@ class JSONResponse:
     to the server as is, skipping Litestar's Response -> ASGIResponse conversion (header
     normalisation, cookies, media-type checks): ~7% of a small request's CPU."""
 
-    __slots__ = ("body", "headers", "status_code")
+    __slots__ = ("after", "body", "headers", "status_code")
 
     def __init__(self, body: bytes, status_code: int = 200, headers: dict[str, str] | None = None) -> None:
         self.body = body
         self.status_code = status_code
         self.headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         self.headers += _encode_headers(headers or {})
+        self.after: Callable[[], None] | None = None  # runs once the last byte is sent (or could not be)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
-        await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.headers})
+            await send({"type": "http.response.body", "body": self.body, "more_body": False})
+        finally:
+            if self.after is not None:
+                self.after()
 
 
 def _encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
@@ -87,7 +92,7 @@ class SSEResponse:
     task group with cancel scopes. `on_unstarted` is that cleanup for an iterator that never
     ran (closing an unstarted async generator skips its `finally`)."""
 
-    __slots__ = ("events", "headers", "on_unstarted")
+    __slots__ = ("after", "events", "headers", "on_unstarted")
 
     def __init__(
         self,
@@ -99,6 +104,7 @@ class SSEResponse:
         self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
         self.headers += _encode_headers(headers or {})
         self.on_unstarted = on_unstarted
+        self.after: Callable[[], None] | None = None  # runs once the last byte is sent (or could not be)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = False
@@ -117,6 +123,8 @@ class SSEResponse:
                 await self.events.aclose()  # type: ignore[attr-defined]  # its cleanup, if cut off mid-way
             elif self.on_unstarted is not None:
                 self.on_unstarted()
+            if self.after is not None:
+                self.after()
 
 
 def sse(obj: Any) -> bytes:

@@ -1,9 +1,13 @@
-"""AuditStore against a real SQLite file: rows, group commit, failure buffering, close, retention."""
+"""AuditStore against a real SQLite file: rows, group commit, the spool and its replay after a
+crash, failure buffering, close, retention."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,6 +97,7 @@ async def test_rejected_request_groups_under_requested_model(db_path: Path) -> N
 async def test_concurrent_records_share_transactions(db_path: Path) -> None:
     store = await started(db_path)
     results = await asyncio.gather(*(store.record(make_row(i)) for i in range(300)))
+    assert await store.flush()
     stats = store.stats()
     await store.close()
     assert all(results)
@@ -115,17 +120,22 @@ async def test_migrations_recorded_and_idempotent(db_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-async def test_locked_database_buffers_rows_then_recovers(db_path: Path) -> None:
-    store = await started(db_path, commit_wait_s=0.3, busy_timeout_ms=50)
+@pytest.mark.parametrize("synchronous", ["normal", "full"])
+async def test_locked_database_buffers_rows_then_recovers(db_path: Path, synchronous: str) -> None:
+    """With the spool (normal) a row is durable at once and record() never waits; without it
+    (full) record() waits for the commit, at most commit_wait_s, and not at all once failing."""
+    spooled = synchronous == "normal"
+    store = await started(db_path, commit_wait_s=0.3, busy_timeout_ms=50, synchronous=synchronous)
     assert await store.record(make_row(0)) is True
+    assert await store.flush()
     locker = sqlite3.connect(db_path, isolation_level=None)
     locker.execute("BEGIN EXCLUSIVE")  # another process holding the write lock
     started_at = time.monotonic()
-    assert await store.record(make_row(1)) is False  # served anyway, after a bounded wait
-    assert time.monotonic() - started_at < 2.0
+    assert await store.record(make_row(1)) is spooled  # served anyway: durable in the spool, or after a bounded wait
+    assert time.monotonic() - started_at < (0.1 if spooled else 2.0)
     await wait_until(lambda: store.health()["failing"])
     fast = time.monotonic()
-    assert await store.record(make_row(2)) is False  # known failing: no wait at all
+    assert await store.record(make_row(2)) is spooled  # known failing: no wait at all
     assert time.monotonic() - fast < 0.1
     health, stats = store.health(), store.stats()
     assert health["ok"] and "database is locked" in health["detail"] and health["queue_depth"] >= 2
@@ -167,9 +177,10 @@ async def test_unencodable_row_is_isolated(db_path: Path) -> None:
     good = [store.record(make_row(i)) for i in range(3)]
     bad = store.record(make_row(99, user={"not": "a string"}))  # type: ignore[arg-type]
     results = await asyncio.gather(*good, bad)
+    assert await store.flush()
     stats = store.stats()
     await store.close()
-    assert results[-1] is False and stats["rows_rejected"] == 1
+    assert results == [True] * 4 and stats["rows_rejected"] == 1  # spooled, then refused by SQLite alone
     assert sorted(r["request_id"] for r in rows(db_path)) == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
     for table in ("daily_usage", "daily_totals", "daily_subjects"):  # rollups agree with the rows
         assert rows(db_path, f"SELECT SUM(requests) AS n FROM {table}")[0]["n"] == 3
@@ -208,7 +219,7 @@ async def test_disk_full_buffers_rows_then_recovers(db_path: Path) -> None:
         num += 1
         assert num < 5000, "the capped database never filled up"
     for _ in range(5):
-        assert await store.record(make_row(num)) is False  # served, buffered, not committed
+        assert await store.record(make_row(num)) is True  # served and durable in the spool, not committed
         num += 1
     health = store.health()
     assert "full" in health["detail"] and health["queue_depth"] >= 5 and store.stats()["commit_failures"] >= 1
@@ -245,6 +256,7 @@ async def test_checkpoints_run_off_the_commit_path(db_path: Path) -> None:
 
     store = await started(db_path)
     await asyncio.gather(*(store.record(make_row(i)) for i in range(50)))
+    assert await store.flush()
     assert store._writer.db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 10_000  # a rare backstop only
     checkpointer = Checkpointer(db_path)
     conn = sqlite3.connect(db_path)
@@ -257,69 +269,150 @@ async def test_checkpoints_run_off_the_commit_path(db_path: Path) -> None:
     assert not Path(str(db_path) + "-wal").exists() or Path(str(db_path) + "-wal").stat().st_size == 0
 
 
-async def test_lone_request_commits_on_the_loop(db_path: Path) -> None:
+def spool_files(db_path: Path) -> list[str]:
+    folder = Path(f"{db_path}-spool")
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+_CRASHING_GATEWAY = """
+import asyncio, os, sys
+from gateway.audit import AuditStore
+from gateway.settings import AuditSettings
+from tests.gateway.test_audit import make_row
+
+async def main():
+    store = AuditStore(AuditSettings(path=sys.argv[1]), busy_timeout_ms=20)
+    await store.start()
+    for i in map(int, sys.argv[2:]):
+        assert await store.record(make_row(i)) is True
+    os._exit(9)  # dies like kill -9: no close(), no flush
+
+asyncio.run(main())
+"""
+
+
+def crash_after_recording(db_path: Path, ids: range) -> None:
+    """A gateway process records rows while another process holds the database's write lock
+    (so none is committed), then dies."""
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        proc = subprocess.run([sys.executable, "-c", _CRASHING_GATEWAY, str(db_path), *map(str, ids)],
+                              cwd=Path(__file__).resolve().parents[2], capture_output=True, timeout=60)  # fmt: skip
+        assert proc.returncode == 9, proc.stderr.decode()
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+
+
+async def test_clean_close_removes_the_spool(db_path: Path) -> None:
     store = await started(db_path)
-    assert await store.record(make_row(0), alone=True) is True  # the first commit starts the WAL: writer
-    assert store.stats()["inline_commits"] == 0
-    assert await store.record(make_row(1), alone=True) is True
-    assert store.stats()["inline_commits"] == 1  # no hand-off to the writer thread
-    assert await store.record(make_row(2)) is True  # concurrent callers keep the group commit
-    stats = store.stats()
+    await asyncio.gather(*(store.record(make_row(i)) for i in range(20)))
+    assert len(spool_files(db_path)) == 2  # this process's lock and its segment
     await store.close()
-    assert (stats["inline_commits"], stats["rows_written"]) == (1, 3)
-    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0", "chatcmpl-1", "chatcmpl-2"]
+    assert spool_files(db_path) == [] and len(rows(db_path)) == 20
+
+
+async def test_segments_are_deleted_once_committed(db_path: Path) -> None:
+    from gateway import audit_spool
+
+    store = await started(db_path)
+    store._spool._segment_bytes = 2000  # about five rows per segment
+    for i in range(40):
+        await store.record(make_row(i))
+    assert await store.flush()
+    await wait_until(lambda: len(spool_files(db_path)) == 2)  # the lock and the active segment only
+    assert store._spool.pending == 0 and audit_spool.SEGMENT_BYTES > 2000
+    await store.close()
+    assert len(rows(db_path)) == 40
+
+
+async def test_rows_spooled_before_a_crash_are_replayed_at_the_next_start(db_path: Path) -> None:
+    store = await started(db_path)
+    assert await store.record(make_row(0)) is True
+    await store.close()
+    crash_after_recording(db_path, range(1, 6))  # acknowledged rows, durable in the spool only
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0"]
+    again = await started(db_path)
+    assert again.stats()["rows_recovered"] == 5
+    assert again.quotas is not None  # seeded after the replay (see test_audit_quota for totals)
+    await again.close()
+    assert [r["request_id"] for r in rows(db_path)] == [f"chatcmpl-{i}" for i in range(6)]
     (day,) = rows(db_path, "SELECT * FROM daily_usage")
-    assert day["requests"] == 3
+    assert day["requests"] == 6  # rollups replayed with the rows
+    assert spool_files(db_path) == []
 
 
-async def test_the_commit_after_a_full_checkpoint_goes_to_the_writer(db_path: Path) -> None:
-    """A fully checkpointed WAL is restarted by the next commit, and that fsyncs even with
-    synchronous=NORMAL: it must not run on the event loop."""
+async def test_replay_skips_rows_already_committed_and_a_torn_line(db_path: Path) -> None:
+    """A crash can land after a commit and before its segment was deleted, and inside a write()."""
+    from gateway.audit_spool import Spool, spool_dir
+
     store = await started(db_path)
     for i in range(3):
-        assert await store.record(make_row(i), alone=True) is True
-    assert store.stats()["inline_commits"] == 2
-    conn = sqlite3.connect(db_path)
-    store._checkpointer.checkpoint(conn)  # what the checkpointer thread does every second
-    conn.close()
-    assert await store.record(make_row(3), alone=True) is True  # the WAL restart: writer thread
-    assert await store.record(make_row(4), alone=True) is True  # then inline again
-    stats = store.stats()
-    await store.close()
-    assert stats["inline_commits"] == 3 and stats["rows_written"] == 5
+        await store.record(make_row(i))
+    await store.close()  # rows 0-2 committed
+    orphan = Spool(spool_dir(db_path))
+    orphan.open()
+    for i in range(5):  # 0-2 again (committed before the "crash"), 3-4 new
+        orphan.append(make_row(i))
+    os.write(orphan._fd, b'{"request_id":"chatcmpl-torn","ts":')
+    os.close(orphan._fd)
+    os.close(orphan._lock_fd)
+    again = await started(db_path)
+    assert again.stats()["rows_recovered"] == 2
+    await again.close()
+    assert sorted(r["request_id"] for r in rows(db_path)) == [f"chatcmpl-{i}" for i in range(5)]
+    assert rows(db_path, "SELECT SUM(requests) AS n FROM daily_usage")[0]["n"] == 5
+    assert spool_files(db_path) == []
 
 
-async def test_inline_commit_never_waits_on_a_lock(db_path: Path) -> None:
-    """Another writer holds the database: the lone row goes to the writer thread at once
-    (the loop is not blocked for busy_timeout), and is committed when the lock goes."""
-    store = await started(db_path, commit_wait_s=5.0)
+async def test_a_live_gateways_spool_is_left_alone(db_path: Path) -> None:
+    """Two gateways on one database: starting the second must not replay the first's rows."""
+    first = await started(db_path, busy_timeout_ms=20)
     locker = sqlite3.connect(db_path, isolation_level=None)
-    locker.execute("BEGIN IMMEDIATE")
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            await asyncio.sleep(0.005)
-            ticks += 1
-
-    tick_task = asyncio.ensure_future(ticker())
-    record = asyncio.ensure_future(store.record(make_row(0), alone=True))
-    await asyncio.sleep(0.3)
-    assert not record.done() and ticks >= 20  # waiting for the writer, and the loop kept running
-    locker.execute("COMMIT")
+    locker.execute("BEGIN EXCLUSIVE")
+    await first.record(make_row(0))  # spooled, not committed
+    locker.execute("ROLLBACK")
     locker.close()
-    assert await record is True
-    tick_task.cancel()
-    stats = store.stats()
+    second = AuditStore(AuditSettings(path=str(db_path)))
+    from gateway.audit import recover_spools
+    from gateway.audit_schema import connect as open_db
+
+    assert recover_spools(open_db(db_path), db_path) == 0  # the first's lock is held
+    await first.flush()
+    await first.close()
+    await second.start()
+    assert second.stats()["rows_recovered"] == 0
+    await second.close()
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0"]
+
+
+async def test_the_usage_cli_replays_an_orphaned_spool(db_path: Path, tmp_path: Path) -> None:
+    store = await started(db_path)
+    await store.record(make_row(0))
     await store.close()
-    assert (stats["inline_commits"], stats["rows_written"]) == (0, 1)
+    crash_after_recording(db_path, range(1, 2))
+    from gateway.cli import main
+
+    assert main(["usage", "requests", "--db", str(db_path), "--format", "json"]) == 0
+    assert [r["request_id"] for r in rows(db_path)] == ["chatcmpl-0", "chatcmpl-1"]
+    assert spool_files(db_path) == []
+
+
+async def test_a_spool_that_cannot_be_written_falls_back_to_waiting(db_path: Path) -> None:
+    store = await started(db_path)
+    os.close(store._spool._fd)  # every write now fails (EBADF), as a full disk would
+    store._spool._fd = os.open(os.devnull, os.O_RDONLY)
+    assert await store.record(make_row(0)) is True  # committed instead, waited for
+    stats = store.stats()
+    assert stats["spool_failures"] == 1 and stats["rows_written"] == 1
+    await store.close()
     assert len(rows(db_path)) == 1
 
 
-async def test_no_inline_commit_with_synchronous_full(db_path: Path) -> None:
-    store = await started(db_path, synchronous="full")  # an fsync must not run on the loop
-    assert await store.record(make_row(0), alone=True) is True
-    stats = store.stats()
+async def test_synchronous_full_waits_for_the_commit_and_has_no_spool(db_path: Path) -> None:
+    store = await started(db_path, synchronous="full")
+    assert await store.record(make_row(0)) is True
+    stats = store.stats()  # committed before record() returned: nothing to flush
+    assert stats["rows_written"] == 1 and spool_files(db_path) == []
     await store.close()
-    assert (stats["inline_commits"], stats["rows_written"]) == (0, 1)

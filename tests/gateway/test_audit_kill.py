@@ -2,8 +2,9 @@
 
 `aibox serve` runs as a real subprocess (fake backend); concurrent clients stream and not,
 remembering every response id they received in full (JSON body, or a stream up to [DONE]).
-The server is SIGKILLed mid-load; then every remembered id must be in the database, and the
-database must pass `PRAGMA integrity_check`.
+The server is SIGKILLed mid-load. Rows acknowledged but not yet committed are in the spool;
+`aibox usage` (like the next `aibox serve`) replays it. Then every remembered id must be in the
+database exactly once, with its rollup, and the database must pass `PRAGMA integrity_check`.
 """
 
 from __future__ import annotations
@@ -121,11 +122,17 @@ async def test_sigkill_under_load_loses_no_acknowledged_row(tmp_path: Path) -> N
         proc.wait(timeout=10)
     assert proc.returncode == -signal.SIGKILL
     acked = load.acked
+    replay = subprocess.run([sys.executable, "-m", "gateway.cli", "usage", "summary", "--db", str(tmp_path / "usage.db")],
+                            cwd=ROOT, capture_output=True, timeout=60)  # fmt: skip
+    assert replay.returncode == 0, replay.stderr.decode()
+    assert not list((tmp_path / "usage.db-spool").glob("*")), "the spool was not replayed"
 
     conn = sqlite3.connect(tmp_path / "usage.db")
     try:
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        stored = {r[0] for r in conn.execute("SELECT request_id FROM requests")}
+        ids = [r[0] for r in conn.execute("SELECT request_id FROM requests")]
+        stored = set(ids)
+        assert len(ids) == len(stored), "a row was replayed twice"
         num_rollup = conn.execute("SELECT SUM(requests) FROM daily_usage").fetchone()[0]
     finally:
         conn.close()

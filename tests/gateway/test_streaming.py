@@ -1,5 +1,6 @@
 """ClientWatch and SSEResponse against scripted ASGI receive/send: the client leaving cancels the
-work and the body's cleanup runs; finishing first, or someone else's cancel, behaves as usual."""
+work and the body's cleanup runs; finishing first, or someone else's cancel, behaves as usual;
+metrics and the access line come once per request, after the last byte when it was sent."""
 
 from __future__ import annotations
 
@@ -115,7 +116,7 @@ class SlowAudit:
         self.rows: list[Any] = []
         self.committing = asyncio.Event()
 
-    async def record(self, row: Any, *, alone: bool = False) -> bool:
+    async def record(self, row: Any) -> bool:
         self.rows.append(row)
         self.committing.set()
         await asyncio.sleep(0.1)
@@ -191,3 +192,68 @@ async def test_a_broken_receive_counts_as_the_client_leaving() -> None:
     async with ClientWatch(broken_receive) as watch:
         await asyncio.sleep(10)
     assert watch.client_gone
+
+
+class Reports:
+    """Stands in for Metrics: what observe() saw, and how much the client had been sent then."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.seen: list[tuple[int, bool]] = []  # (status, the final message was already sent)
+
+    def observe(self, call: Any) -> None:
+        done = any(m.get("more_body") is False for m in self.client.sent)
+        self.seen.append((call.status, done))
+
+
+async def test_a_complete_stream_reports_once_after_its_last_byte() -> None:
+    from gateway.context import report_after_response
+
+    services, call, gen, _ = await _stream_setup()
+    client = Client()
+    services.metrics = Reports(client)
+    call.report_later = True  # as pipeline.handle does
+    response = SSEResponse(gen)
+    response.after = report_after_response(services, call)
+    await response({}, client.receive, client.send)
+    assert services.metrics.seen == [(200, True)]
+
+
+async def test_a_stream_cut_off_reports_once_when_its_cleanup_is_done() -> None:
+    from gateway.context import report_after_response
+
+    services, call, gen, _ = await _stream_setup(max_tokens=500)
+    client = Client()
+    services.metrics = Reports(client)
+    call.report_later = True
+    response = SSEResponse(gen)
+    response.after = report_after_response(services, call)
+    send = client.send
+
+    async def send_then_leave(message: dict[str, Any]) -> None:
+        await send(message)
+        if len(client.sent) == 3:
+            client.leave()
+            await asyncio.sleep(0.01)  # the watcher sees it while this body send is in progress
+
+    await response({}, client.receive, send_then_leave)
+    assert services.metrics.seen == []  # the background cleanup has not finished yet
+    await asyncio.gather(*list(services.background))
+    assert services.metrics.seen == [(499, False)] and [r.status for r in services.audit.rows] == [499]
+
+
+async def test_a_json_response_runs_after_once_sent_even_if_sending_fails() -> None:
+    client = Client()
+    calls: list[int] = []
+    response = JSONResponse(b"{}")
+    response.after = lambda: calls.append(len(client.sent))
+    await response({}, client.receive, client.send)
+
+    async def broken_send(message: dict[str, Any]) -> None:
+        raise OSError("connection reset")
+
+    failing = JSONResponse(b"{}")
+    failing.after = lambda: calls.append(-1)
+    with pytest.raises(OSError):
+        await failing({}, client.receive, broken_send)
+    assert calls == [2, -1]
