@@ -119,7 +119,7 @@ def _serve_relay(kind: str, port: int, up_port: int) -> None:
             return Response(content=await forward(), media_type="application/json")
 
         app = Litestar([relay], debug=False, logging_config=None)
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False, proxy_headers=False)  # as aibox serve
 
 
 def _floor(up_port: int, n: int) -> None:

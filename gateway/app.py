@@ -13,7 +13,6 @@ from litestar.openapi import OpenAPIConfig
 
 from backends.base import Backend
 from backends.registry import create_backend
-from gateway.coalesce import coalesce_sse
 from gateway.drain import Drain
 from gateway.errors import handle_exception
 from gateway.pipeline import Services, record_refusal
@@ -134,7 +133,7 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
             health.ready,
             metrics.metrics,
         ],
-        middleware=[drain.middleware, coalesce_sse],  # outermost first
+        middleware=[drain.middleware],
         lifespan=[lifespan],
         exception_handlers={Exception: handle_exception},
         request_max_body_size=settings.server.max_body_bytes,

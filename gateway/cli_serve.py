@@ -52,6 +52,7 @@ def serve(args: argparse.Namespace) -> int:
         port=port,
         log_config=None,
         access_log=False,
+        proxy_headers=False,  # nothing reads the client address or scheme: skip a middleware per request
         timeout_graceful_shutdown=int(settings.server.shutdown_timeout_s) or None,
         lifespan="on",
     )

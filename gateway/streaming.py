@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from gateway.coalesce import CoalescingSend
 from gateway.schemas import encoder
 
 DONE = b"data: [DONE]\n\n"
@@ -108,6 +109,7 @@ class SSEResponse:
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = False
+        send = CoalescingSend(send)  # events ready in the same loop turn go out in one write
         try:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             # Watch from here: the first __anext__ enters the iterator before anything can suspend,
@@ -119,6 +121,7 @@ class SSEResponse:
                 watch.disarm()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
+            await send.aclose()
             if started:
                 await self.events.aclose()  # type: ignore[attr-defined]  # its cleanup, if cut off mid-way
             elif self.on_unstarted is not None:

@@ -168,6 +168,7 @@ class RateLimiter:
         self.num_degraded_admissions = 0
         self._last_warning = float("-inf")
         self._retries: set[asyncio.Task[None]] = set()
+        self._scopes: dict[tuple[str | None, str, str | None, str], tuple[Scope, ...]] = {}  # scopes_for() memo
 
     def tier_for(self, principal: Principal) -> TierSettings | None:
         """The principal's tier; unknown or absent -> the default tier; none configured -> None (unlimited)."""
@@ -178,6 +179,15 @@ class RateLimiter:
 
     def scopes_for(self, principal: Principal, model: str) -> tuple[Scope, ...]:
         """Every budget this request draws from (limits of 0 everywhere are left out)."""
+        memo = (principal.tier, principal.subject, principal.tenant, model)
+        scopes = self._scopes.get(memo)
+        if scopes is None:
+            if len(self._scopes) >= 10_000:  # bounded: many distinct callers just recompute
+                self._scopes.clear()
+            scopes = self._scopes[memo] = self._plan_scopes(principal, model)
+        return scopes
+
+    def _plan_scopes(self, principal: Principal, model: str) -> tuple[Scope, ...]:
         tier = self.tier_for(principal)
         if tier is None:
             return ()

@@ -1,5 +1,5 @@
 """gateway.coalesce at the ASGI level: bursts become one write, waits flush at once, order and
-bytes are preserved, non-SSE responses pass through, a slow client applies backpressure."""
+bytes are preserved, a slow client applies backpressure."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import asyncio
 import time
 from typing import Any
 
-from gateway.coalesce import coalesce_sse
+from gateway.coalesce import CoalescingSend
 
 SSE_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]}
-JSON_START = {"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]}
 
 
 def event(i: int) -> bytes:
@@ -43,7 +42,11 @@ async def run(app: Any, send_delay_s: float = 0.0) -> list[tuple[float, dict[str
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    await coalesce_sse(app)({"type": "http", "path": "/v1/chat/completions"}, receive, send)
+    coalescing = CoalescingSend(send)
+    try:
+        await app({"type": "http", "path": "/v1/chat/completions"}, receive, coalescing)
+    finally:
+        await coalescing.aclose()
     return sent
 
 
@@ -65,15 +68,6 @@ async def test_an_event_before_a_wait_is_written_before_the_wait() -> None:
     assert writes[0][1] == event(0) and writes[0][0] < 0.1  # not held back while the producer waits
     assert writes[1][1] == event(1) + event(2) and 0.2 <= writes[1][0] < 0.3
     assert body_of(sent).endswith(event(3) + b"data: [DONE]\n\n")
-
-
-async def test_non_sse_responses_pass_through_unchanged() -> None:
-    sent = await run(streaming_app(JSON_START, [0.0] * 3))
-    assert [m for _, m in sent] == [
-        JSON_START,
-        *({"type": "http.response.body", "body": event(i), "more_body": True} for i in range(3)),
-        {"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False},
-    ]
 
 
 async def test_a_slow_client_holds_the_producer_back() -> None:
