@@ -16,8 +16,8 @@ off the request path. After a crash the next start replays the spool. With
 `synchronous = "full"` there is no spool: `record()` waits for the fsynced group commit.
 
 If the database cannot be written (disk full, locked by another process) the rows stay queued
-in memory (bounded by `audit.buffer_rows`) and in the spool, and the writer retries until it
-recovers; without a spool `record()` still returns, after at most `commit_wait_s`, or at once
+in memory (bounded by `audit.buffer_rows`; past it they are dropped from memory but stay in the
+spool, replayed at the next start) and the writer retries until it recovers; without a spool `record()` still returns, after at most `commit_wait_s`, or at once
 while the store is known to be failing. That state is loud: error logs, `stats()` counters and
 `health()["ok"] = False`. If the spool itself cannot be written, rows take the waiting path.
 """
@@ -109,8 +109,12 @@ class AuditStore:
         self._checkpointer.start()
         if self.settings.synchronous != "full":  # "full" waits for the fsynced commit instead
             spool = Spool(spool_dir(self.path))
-            await asyncio.to_thread(spool.open)
-            self._spool = self._writer.spool = spool
+            try:
+                await asyncio.to_thread(spool.open)
+            except OSError as exc:  # unwritable folder, no flock (some network file systems)
+                log.error("audit spool %s cannot be opened (%s); every request waits for its commit instead", spool.directory, exc)
+            else:
+                self._spool = self._writer.spool = spool
         self._writer.start()
         log.info("audit store at %s (synchronous=%s)", self.path, self.settings.synchronous)
 
@@ -145,7 +149,7 @@ class AuditStore:
         if spool is not None:
             try:
                 segment = spool.append(row)
-            except (OSError, TypeError, ValueError, OverflowError) as exc:  # disk full, or a row JSON cannot hold
+            except (OSError, TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:  # disk full, or a row JSON cannot hold
                 self._spool_failed(row, exc)
             else:
                 writer.submit(row, None, segment)  # durable already: the commit happens off the request path
@@ -251,8 +255,8 @@ class AuditStore:
         if w.queue_depth:
             log.error("audit store closed with %d rows not written (%s)", w.queue_depth, w.last_error)
         spool, self._spool = self._spool, None
-        if spool is not None:
-            spool.close()  # removes its files when every row is committed; else keeps them for replay
+        if spool is not None:  # removes its files when every row is committed; else keeps them for replay
+            spool.close(writer_alive=w.is_alive())
         await asyncio.to_thread(self._close_db, w)
 
     @staticmethod

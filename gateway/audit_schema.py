@@ -189,7 +189,7 @@ def connect(path: str | Path, *, synchronous: str = "normal", busy_timeout_ms: i
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # Default (deferred) isolation: the writer's executemany opens the transaction and one
+    # Default (deferred) isolation: the writer's first INSERT opens the transaction and one
     # commit() closes it, so a batch of rows and its rollup land together (group commit).
     conn = sqlite3.connect(str(path), check_same_thread=False, timeout=busy_timeout_ms / 1000)
     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
@@ -210,7 +210,7 @@ COLUMNS = (
     "retries", "fallbacks", "user", "client_retry_count", "request_content", "response_content",
 )  # fmt: skip
 
-# The hot path uses one prepared statement with executemany over msgspec's astuple() of each
+# The writer uses this statement (as multi-row VALUES, audit_writer._execute_rows) over msgspec's astuple() of each
 # record (field order) plus the derived `model`; sqlite-utils' insert_all would re-derive the
 # column list from dicts for every batch, which costs more than the insert itself.
 INSERT_COLUMNS = (*AuditRecord.__struct_fields__, "model")

@@ -14,11 +14,13 @@ Files live next to the database, in `<db>-spool/`:
     <owner>.<n>.jsonl    segments of rows; a sealed segment is deleted once every row in it
                          is committed (or given up: rejected as unencodable, or dropped)
 
-A clean shutdown commits everything and removes the owner's files. After a crash they stay;
+A clean shutdown commits everything and removes the owner's files. After a crash they stay,
+and so do rows the writer could not take (its memory buffer full while the database fails);
 `recover()` (run by `AuditStore.start()` and by `aibox usage`) replays the segments of every
 owner whose lock is free: rows whose request_id is not in the database yet are inserted, with
 their rollups, in one transaction, then the files are deleted. A torn last line (the process
-died inside write()) belongs to a response that never completed and is skipped.
+died inside write()) belongs to a response that never completed and is skipped; a failed
+append is cut off again, so it cannot spoil the next row.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class Spool:
 
     def open(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        # Locked before it is visible under its name, so `recover()` never sees it free.
-        hidden = self.directory / f".{self._owner}.lock"
+        # Locked before it is visible under its name (recover() looks at *.lock, not dotfiles),
+        # so recover() never sees it free.
+        hidden = self.directory / f".{self._owner}.locking"
         self._lock_fd = os.open(hidden, os.O_WRONLY | os.O_CREAT, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(hidden, self.directory / f"{self._owner}.lock")
@@ -87,9 +90,16 @@ class Spool:
             self._rotate()
         data = _encoder.encode(record) + b"\n"
         view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        try:
+            while view:
+                written = os.write(self._fd, view)
+                view = view[written:]
+        except OSError:
+            try:  # a partial line (disk full mid-write) would be glued to the next row
+                os.ftruncate(self._fd, self._size)
+            except OSError:
+                self._size = self._segment_bytes  # start a fresh segment next time instead
+            raise
         self._size += len(data)
         segment = self._active
         assert segment is not None
@@ -112,12 +122,13 @@ class Spool:
             return sum(s.pending for s in self._segments)
 
     def _rotate(self) -> None:
+        old = self._active
+        path = self.directory / f"{self._owner}.{self._num_segments + 1}.jsonl"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # raises: the old one stays active
         if self._fd >= 0:
             os.close(self._fd)
-        old = self._active
+        self._fd = fd
         self._num_segments += 1
-        path = self.directory / f"{self._owner}.{self._num_segments}.jsonl"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._size = 0
         self._active = Segment(path)
         with self._lock:
@@ -131,9 +142,11 @@ class Spool:
         if old is not None:
             _unlink(old.path)
 
-    def close(self) -> int:
+    def close(self, *, writer_alive: bool = False) -> int:
         """Release the spool; returns the rows left uncommitted. With none left every file is
-        removed; otherwise the files stay, to be replayed by the next `recover()`."""
+        removed; otherwise the files stay, to be replayed by the next `recover()`. While the
+        writer is still alive (stuck in SQLite past the close timeout) the lock is kept, so no
+        replay races the commit it may still make; it goes with the process."""
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
@@ -145,7 +158,7 @@ class Spool:
             _unlink(self.directory / f"{self._owner}.lock")
         else:
             log.warning("audit: %d rows not committed; they stay in %s and are replayed at the next start", left, self.directory)
-        if self._lock_fd >= 0:
+        if self._lock_fd >= 0 and not writer_alive:
             os.close(self._lock_fd)  # releases the flock: the files are now an orphan's
             self._lock_fd = -1
         return left
@@ -162,6 +175,8 @@ def recover(conn: Any, directory: Path, insert: Any) -> int:
         return 0
     total = 0
     for lock_path in sorted(directory.glob("*.lock")):
+        if lock_path.name.startswith("."):
+            continue
         owner = lock_path.name[: -len(".lock")]
         try:
             fd = os.open(lock_path, os.O_WRONLY)
@@ -194,15 +209,36 @@ def _read(path: Path) -> list[AuditRecord]:
             continue
         try:
             records.append(_decoder.decode(line))
+        except msgspec.ValidationError:  # well-formed JSON: e.g. a NaN float was written as null
+            record = _lenient(line)
+            if record is None:
+                log.error("audit spool %s line %d is not a valid row; skipped: %s", path.name, number, line[:200])
+            else:
+                records.append(record)
         except msgspec.DecodeError:  # torn by a crash mid-write: that response never completed
-            log.warning("audit spool %s line %d cannot be read (cut short by a crash?); skipped", path.name, number)
+            log.warning("audit spool %s line %d is cut short (a crash mid-write?); skipped", path.name, number)
     return records
+
+
+def _lenient(line: bytes) -> AuditRecord | None:
+    """A row whose numbers JSON could not carry (NaN, inf -> null): those become 0."""
+    try:
+        fields = msgspec.json.decode(line)
+        for name in ("ts", "total_ms", "prompt_tokens", "completion_tokens", "retries", "fallbacks", "status"):
+            if fields.get(name, 0) is None:
+                fields[name] = 0
+        return msgspec.convert(fields, AuditRecord)
+    except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError):
+        return None
 
 
 def _insert_missing(conn: Any, records: list[AuditRecord], insert: Any) -> int:
     """Insert the records whose request_id is not stored yet, in one transaction."""
     if not records:
         return 0
+    if conn.in_transaction:
+        conn.commit()
+    conn.execute("BEGIN IMMEDIATE")  # the check and the insert in one write transaction
     stored: set[str] = set()
     ids = [r.request_id for r in records]
     for i in range(0, len(ids), 500):
@@ -218,7 +254,7 @@ def _insert_missing(conn: Any, records: list[AuditRecord], insert: Any) -> int:
     except (sqlite3.Error, TypeError, ValueError, OverflowError):  # a row SQLite refuses: skip just it
         conn.rollback()
         kept = []
-        conn.execute("BEGIN")
+        conn.execute("BEGIN IMMEDIATE")
         for record in missing:
             conn.execute("SAVEPOINT spool_row")
             try:
@@ -241,3 +277,5 @@ def _unlink(path: Path) -> None:
         path.unlink()
     except FileNotFoundError:
         pass
+    except OSError as exc:  # never fatal (this runs on the writer thread): the file is replayed, deduplicated
+        log.error("audit spool: cannot delete %s: %s", path, exc)

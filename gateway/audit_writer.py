@@ -171,9 +171,7 @@ class AuditWriter(threading.Thread):
         """Queue a row; False if the buffer is full and the row was dropped (and counted)."""
         with self._cond:
             if len(self._queue) + self._num_in_flight >= self._buffer_rows:
-                self.num_dropped += 1
-                if segment is not None and self.spool is not None:
-                    self.spool.done(segment)
+                self.num_dropped += 1  # from memory: a spooled row stays in its segment, replayed at the next start
                 now = time.monotonic()
                 if now - self._last_drop_log >= LOG_EVERY_S:
                     self._last_drop_log = now

@@ -92,7 +92,8 @@ class Call:
 
 
 async def finish(services: Services, call: Call) -> None:
-    """Settle the rate-limit reservation, write the audit row, observe metrics. Never raises.
+    """Settle the rate-limit reservation and write the audit row; then report() (metrics, access
+    line) unless the response does that after its last byte (`call.report_later`). Never raises.
 
     Once per call: a second call (a stream's disconnect cleanup racing its own finish) returns
     at once. Callers that can be cancelled mid-way shield it (see responders.stream)."""

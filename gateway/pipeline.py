@@ -133,7 +133,12 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
             gen = stream(services, call, None, subs, deadline, pending=open_task, shape_for=shape_for)
         call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
         pending = None if done else open_task
-        return SSEResponse(gen, call.headers, on_unstarted=lambda: abandon(services, call, None, subs, opened, pending))
+        return SSEResponse(
+            gen,
+            call.headers,
+            on_unstarted=lambda: abandon(services, call, None, subs, opened, pending),
+            hold=lambda: call.finished,  # once finish() began the stream completes on its own: [DONE] is next
+        )
     return await respond_json(services, request, call, subs, deadline, shape_for, attempts)
 
 

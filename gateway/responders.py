@@ -17,7 +17,7 @@ from gateway.context import Call, Services, finish, overhead_ms
 from gateway.errors import APIError, ServerError, from_backend_error
 from gateway.generation import Opened, aclose, merge, new_choices, open_with_failover, totals
 from gateway.schemas import encoder
-from gateway.streaming import DONE, KEEPALIVE, JSONResponse, ResponseShape, error_event
+from gateway.streaming import DONE, KEEPALIVE, ClientWatch, JSONResponse, ResponseShape, error_event
 from policies import routing
 
 log = logging.getLogger("aibox.pipeline")
@@ -63,24 +63,17 @@ async def respond_json(
                 for it in current.iters:
                     await aclose(it)
 
-    collector = asyncio.ensure_future(collect())
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-    if not collector.done():  # the client went away: abort the backend work
-        collector.cancel()
-        await asyncio.gather(collector, return_exceptions=True)
+        async with ClientWatch(request.receive) as watch:  # the client leaving cancels collect()
+            await collect()
+    except BackendError as exc:
+        raise from_backend_error(exc) from None
+    if watch.client_gone:  # the backend work was aborted (collect() closed its streams)
         call.abandoned()
         end_attempt(services, call, opened, ok=False)  # neither success nor the deployment's fault
         totals(call, choices, subs)
         await finish(services, call)
         return JSONResponse(b"", 499)
-    try:
-        collector.result()
-    except BackendError as exc:
-        raise from_backend_error(exc) from None
     call.t_last = time.perf_counter()
     end_attempt(services, call, opened, ok=True)
     totals(call, choices, subs)
@@ -91,16 +84,9 @@ async def respond_json(
     )
     if services.settings.audit.store_content:
         call.response_content = encoder.encode(texts).decode()
-    await finish(services, call)  # committed before the client sees the body
+    await finish(services, call)  # the row is durable before the client sees the body
     call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
     return JSONResponse(encoder.encode(body), 200, call.headers)
-
-
-async def _wait_disconnect(request: Request[Any, Any, Any]) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def end_attempt(services: Services, call: Call, opened: Opened | None, *, ok: bool, retriable: bool = False) -> None:
@@ -139,7 +125,7 @@ async def stream(
                 call.fail(err)
                 ok = False
                 yield error_event(err.body())
-                await finish_uninterrupted(services, call)
+                await finish(services, call)  # not cut by a disconnect (SSEResponse's hold)
                 finished_cleanly = True
                 yield DONE
                 return
@@ -178,7 +164,7 @@ async def stream(
         await close_streams(opened)
         ended, opened = opened, None  # ended here: a disconnect from now on must not end it again
         end_attempt(services, call, ended, ok=ok, retriable=retriable)
-        await finish_uninterrupted(services, call)  # committed before [DONE]
+        await finish(services, call)  # durable before [DONE]; a disconnect no longer cancels (SSEResponse's hold)
         finished_cleanly = True
         yield DONE
     finally:
@@ -197,7 +183,7 @@ def abandon(
     """The client left before the stream ended (also before it started: SSEResponse calls this
     for a body it never iterated). Cancel what is still opening, count what was generated, and
     close the backend streams, end the attempt and finish (row 499) in the background. Nothing
-    to do once finish() has begun: it completes on its own (finish_uninterrupted)."""
+    to do once finish() has begun: it completes on its own (SSEResponse's hold)."""
     if call.finished:
         return
     call.report_later = False  # the background cleanup reports when its finish() is done
@@ -217,12 +203,6 @@ def spawn(services: Services, coro: Any) -> asyncio.Task[Any]:
     services.background.add(task)
     task.add_done_callback(services.background.discard)
     return task
-
-
-async def finish_uninterrupted(services: Services, call: Call) -> None:
-    """finish() that a client disconnect (which cancels the stream) cannot cut in half: the
-    limits are settled and the row written exactly once, with the status the stream reached."""
-    await asyncio.shield(spawn(services, finish(services, call)))
 
 
 async def close_streams(opened: Opened | None) -> None:

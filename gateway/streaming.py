@@ -49,14 +49,20 @@ def _encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
 class ClientWatch:
     """`async with ClientWatch(receive) as watch:` cancels the body of the block when the client
     disconnects (one watcher task blocked in `receive`), and the block then ends normally with
-    `watch.client_gone` set. A cancellation from anyone else propagates as usual."""
+    `watch.client_gone` set. A cancellation from anyone else propagates as usual.
 
-    __slots__ = ("receive", "task", "watcher", "armed", "client_gone")
+    `hold()`: while it returns True the block is finishing up on its own (a stream writing its
+    audit row before [DONE]) and a disconnect only sets `client_gone`: nothing is cut in half,
+    and no task is needed to shield that work."""
 
-    def __init__(self, receive: Any) -> None:
+    __slots__ = ("receive", "task", "watcher", "armed", "client_gone", "hold", "cancelled")
+
+    def __init__(self, receive: Any, hold: Callable[[], bool] | None = None) -> None:
         self.receive = receive
+        self.hold = hold
         self.armed = True
         self.client_gone = False
+        self.cancelled = False  # we cancelled the block
 
     async def __aenter__(self) -> ClientWatch:
         task = asyncio.current_task()
@@ -71,9 +77,11 @@ class ClientWatch:
                 pass
         except Exception:  # a broken receive: the connection is gone as far as we can tell
             pass
-        if self.armed:  # the cancel lands inside the block: the task is suspended in it now
+        if self.armed:
             self.client_gone = True
-            self.task.cancel()
+            if self.hold is None or not self.hold():  # the cancel lands inside the block: the task is suspended in it now
+                self.cancelled = True
+                self.task.cancel()
 
     def disarm(self) -> None:
         """From here on a disconnect is not the client leaving (uvicorn also says "disconnect"
@@ -83,7 +91,7 @@ class ClientWatch:
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.armed = False
         self.watcher.cancel()
-        return exc_type is asyncio.CancelledError and self.client_gone and self.task.uncancel() == 0
+        return exc_type is asyncio.CancelledError and self.cancelled and self.task.uncancel() == 0
 
 
 class SSEResponse:
@@ -93,18 +101,20 @@ class SSEResponse:
     task group with cancel scopes. `on_unstarted` is that cleanup for an iterator that never
     ran (closing an unstarted async generator skips its `finally`)."""
 
-    __slots__ = ("after", "events", "headers", "on_unstarted")
+    __slots__ = ("after", "events", "headers", "hold", "on_unstarted")
 
     def __init__(
         self,
         events: AsyncIterator[bytes],
         headers: dict[str, str] | None = None,
         on_unstarted: Callable[[], None] | None = None,
+        hold: Callable[[], bool] | None = None,
     ) -> None:
         self.events = events
         self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
         self.headers += _encode_headers(headers or {})
         self.on_unstarted = on_unstarted
+        self.hold = hold  # see ClientWatch
         self.after: Callable[[], None] | None = None  # runs once the last byte is sent (or could not be)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
@@ -114,20 +124,24 @@ class SSEResponse:
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
             # Watch from here: the first __anext__ enters the iterator before anything can suspend,
             # so a disconnect's cancel always lands inside it (or in a body send after it started).
-            async with ClientWatch(receive) as watch:
+            async with ClientWatch(receive, self.hold) as watch:
                 started = True
                 async for event in self.events:
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                 watch.disarm()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            await send.aclose()
-            if started:
-                await self.events.aclose()  # type: ignore[attr-defined]  # its cleanup, if cut off mid-way
-            elif self.on_unstarted is not None:
-                self.on_unstarted()
-            if self.after is not None:
-                self.after()
+            try:
+                await send.aclose()
+            finally:
+                try:
+                    if started:
+                        await self.events.aclose()  # type: ignore[attr-defined]  # its cleanup, if cut off mid-way
+                    elif self.on_unstarted is not None:
+                        self.on_unstarted()
+                finally:
+                    if self.after is not None:
+                        self.after()
 
 
 def sse(obj: Any) -> bytes:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -215,8 +216,10 @@ async def test_disk_full_buffers_rows_then_recovers(db_path: Path) -> None:
     conn.execute(f"PRAGMA max_page_count = {pages}")
     num = 1
     while not store.health()["failing"]:  # rows fill the free space left in existing pages first
-        await store.record(make_row(num, subject=f"user-{num}", tenant=f"t-{num}"))
-        num += 1
+        for _ in range(50):
+            await store.record(make_row(num, subject=f"user-{num}", tenant=f"t-{num}"))
+            num += 1
+        await store.flush(timeout_s=1.0)  # the writer commits (or fails) what is queued
         assert num < 5000, "the capped database never filled up"
     for _ in range(5):
         assert await store.record(make_row(num)) is True  # served and durable in the spool, not committed
@@ -416,3 +419,95 @@ async def test_synchronous_full_waits_for_the_commit_and_has_no_spool(db_path: P
     stats = store.stats()  # committed before record() returned: nothing to flush
     assert stats["rows_written"] == 1 and spool_files(db_path) == []
     await store.close()
+
+
+def test_a_failed_append_does_not_spoil_the_next_row(tmp_path: Path) -> None:
+    """Disk full mid-write leaves part of a line; it is cut off again, so the next row reads back."""
+    from gateway.audit_spool import Spool, _read
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    spool.append(make_row(0))
+    real_write = os.write
+    calls = 0
+
+    def half_then_full(fd: int, data: Any) -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return real_write(fd, bytes(data[:10]))
+        raise OSError(28, "No space left on device")
+
+    os_write, os.write = os.write, half_then_full  # type: ignore[assignment]
+    try:
+        with pytest.raises(OSError):
+            spool.append(make_row(1))
+    finally:
+        os.write = os_write  # type: ignore[assignment]
+    spool.append(make_row(2))
+    (segment,) = sorted((tmp_path / "spool").glob("*.jsonl"))
+    assert [r.request_id for r in _read(segment)] == ["chatcmpl-0", "chatcmpl-2"]
+
+
+def test_a_failed_rotation_keeps_the_open_segment(tmp_path: Path) -> None:
+    from gateway.audit_spool import Spool
+
+    spool = Spool(tmp_path / "spool", segment_bytes=1)
+    spool.open()
+    spool.append(make_row(0))
+    fd = spool._fd
+    real_open = os.open
+
+    def refuse(path: Any, *a: Any, **kw: Any) -> int:
+        if str(path).endswith(".jsonl"):
+            raise OSError(24, "Too many open files")
+        return real_open(path, *a, **kw)
+
+    os.open = refuse  # type: ignore[assignment]
+    try:
+        with pytest.raises(OSError):
+            spool.append(make_row(1))  # the rotation cannot open the next segment
+    finally:
+        os.open = real_open  # type: ignore[assignment]
+    assert spool._fd == fd and os.fstat(fd)  # still ours, still open
+    spool.append(make_row(2))  # rotates now
+
+
+async def test_rows_dropped_from_a_full_buffer_stay_in_the_spool(db_path: Path) -> None:
+    """The database fails long enough to fill the memory buffer: the rows past it are not in
+    memory but are in the spool, so the next start stores them."""
+    store = await started(db_path, busy_timeout_ms=20, buffer_rows=3, close_timeout_s=0.5)
+    locker = sqlite3.connect(db_path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    for i in range(6):
+        assert await store.record(make_row(i)) is True
+    assert store.stats()["rows_dropped"] == 3
+    await store.close()  # cannot commit anything: the spool is kept
+    locker.execute("ROLLBACK")
+    locker.close()
+    assert rows(db_path) == [] and spool_files(db_path)
+    again = await started(db_path)
+    assert again.stats()["rows_recovered"] == 6
+    await again.close()
+    assert len(rows(db_path)) == 6 and spool_files(db_path) == []
+
+
+async def test_a_spool_that_cannot_be_opened_means_waiting_for_commits(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    Path(f"{db_path}-spool").write_text("a file where the folder should be")
+    store = await started(db_path)
+    assert store._spool is None
+    assert await store.record(make_row(0)) is True  # committed, waited for
+    assert store.stats()["rows_written"] == 1
+    await store.close()
+
+
+def test_a_row_json_cannot_carry_is_replayed_with_zeros(tmp_path: Path) -> None:
+    from gateway.audit_spool import Spool, _read
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    spool.append(make_row(0, total_ms=float("nan")))  # JSON writes NaN as null
+    (segment,) = sorted((tmp_path / "spool").glob("*.jsonl"))
+    (record,) = _read(segment)
+    assert record.request_id == "chatcmpl-0" and record.total_ms == 0

@@ -52,6 +52,15 @@ async def test_finishing_first_is_not_a_disconnect() -> None:
     assert not watch.client_gone
 
 
+async def test_a_disconnect_while_held_does_not_cancel() -> None:
+    client = Client()
+    held = True
+    async with ClientWatch(client.receive, hold=lambda: held) as watch:
+        client.leave()
+        await asyncio.sleep(0.05)  # finishing up: not cut off
+    assert watch.client_gone and not watch.cancelled
+
+
 async def test_someone_elses_cancel_propagates() -> None:
     client = Client()
 
@@ -159,11 +168,18 @@ async def test_a_disconnect_during_the_final_commit_writes_one_row_and_ends_the_
         await services.audit.committing.wait()
         client.leave()  # the client goes away while the row of a complete stream is being committed
 
+    from gateway.context import report_after_response
+
+    services.metrics = Reports(client)
+    call.report_later = True
     leaver = asyncio.ensure_future(leave_when_committing())
-    await SSEResponse(gen)({}, client.receive, client.send)
+    response = SSEResponse(gen, hold=lambda: call.finished)  # as pipeline.handle builds it
+    response.after = report_after_response(services, call)
+    await response({}, client.receive, client.send)
     await leaver
     await asyncio.gather(*list(services.background))
     assert [(r.request_id, r.status) for r in services.audit.rows] == [("chatcmpl-1", 200)]
+    assert services.metrics.seen == [(200, True)]  # reported once, with the row's status
     assert services.router.state()["f"]["in_flight"] == 0
     assert services.in_flight == 0
 
