@@ -17,7 +17,7 @@ from gateway.context import Call, Services, finish, overhead_ms
 from gateway.errors import APIError, ServerError, from_backend_error
 from gateway.generation import Opened, aclose, merge, new_choices, open_with_failover, totals
 from gateway.schemas import encoder
-from gateway.streaming import DONE, KEEPALIVE, ClientWatch, JSONResponse, ResponseShape, error_event
+from gateway.streaming import DONE, KEEPALIVE, JSONResponse, ResponseShape, error_event
 from policies import routing
 
 log = logging.getLogger("aibox.pipeline")
@@ -63,17 +63,27 @@ async def respond_json(
                 for it in current.iters:
                     await aclose(it)
 
+    # collect() in its own task, raced against a disconnect watcher. Running it in this task
+    # under ClientWatch (one task fewer) was ~0.05 ms faster at c=1 but cost ~85 us of CPU per
+    # request at c=32 (interleaved A/B, 5 rounds each, twice): kept as is.
+    collector = asyncio.ensure_future(collect())
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:
-        async with ClientWatch(request.receive) as watch:  # the client leaving cancels collect()
-            await collect()
-    except BackendError as exc:
-        raise from_backend_error(exc) from None
-    if watch.client_gone:  # the backend work was aborted (collect() closed its streams)
+        await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if not collector.done():  # the client went away: abort the backend work
+        collector.cancel()
+        await asyncio.gather(collector, return_exceptions=True)
         call.abandoned()
         end_attempt(services, call, opened, ok=False)  # neither success nor the deployment's fault
         totals(call, choices, subs)
         await finish(services, call)
         return JSONResponse(b"", 499)
+    try:
+        collector.result()
+    except BackendError as exc:
+        raise from_backend_error(exc) from None
     call.t_last = time.perf_counter()
     end_attempt(services, call, opened, ok=True)
     totals(call, choices, subs)
@@ -87,6 +97,13 @@ async def respond_json(
     await finish(services, call)  # the row is durable before the client sees the body
     call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
     return JSONResponse(encoder.encode(body), 200, call.headers)
+
+
+async def _wait_disconnect(request: Request[Any, Any, Any]) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
 
 
 def end_attempt(services: Services, call: Call, opened: Opened | None, *, ok: bool, retriable: bool = False) -> None:
