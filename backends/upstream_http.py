@@ -205,11 +205,14 @@ class ConnectionPool:
         """Send a request and wait for the response headers (bounded by the caller's deadline)."""
         if self._closed:
             raise ConnectFailed("connection pool is closed")
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                await self._slots.acquire()
-        except TimeoutError:
-            raise PoolTimeout("no free upstream connection") from None
+        if self._slots.locked():  # every connection busy: wait, bounded
+            try:
+                async with asyncio.timeout(self._connect_timeout_s):
+                    await self._slots.acquire()
+            except TimeoutError:
+                raise PoolTimeout("no free upstream connection") from None
+        else:
+            await self._slots.acquire()  # free: returns at once (no timer to arm and cancel)
         try:
             head = self._head(method, path, body, headers)
             for _ in range(2):  # a reused connection may have died in the pool: retry once, fresh

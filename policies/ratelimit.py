@@ -16,6 +16,7 @@ limits exactly).
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import math
 import threading
@@ -169,6 +170,8 @@ class RateLimiter:
         self._last_warning = float("-inf")
         self._retries: set[asyncio.Task[None]] = set()
         self._scopes: dict[tuple[str | None, str, str | None, str], tuple[Scope, ...]] = {}  # scopes_for() memo
+        self._id_prefix = uuid.uuid4().hex[:16] + "-"  # reservation ids: this limiter's prefix + a counter
+        self._ids = itertools.count(1)
 
     def tier_for(self, principal: Principal) -> TierSettings | None:
         """The principal's tier; unknown or absent -> the default tier; none configured -> None (unlimited)."""
@@ -205,7 +208,7 @@ class RateLimiter:
     async def acquire(self, principal: Principal, model: str, estimated_tokens: int) -> Reservation:
         """Reserve 1 request + `estimated_tokens` + a slot everywhere, or raise LimitExceeded."""
         tokens = max(0, int(estimated_tokens))
-        rid = uuid.uuid4().hex
+        rid = f"{self._id_prefix}{next(self._ids):x}"  # unique across processes sharing a store
         scopes = self.scopes_for(principal, model)
         if not scopes:
             return Reservation(rid, (), tokens)
