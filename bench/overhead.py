@@ -4,9 +4,11 @@ OpenAI-compatible server through the `openai` backend type, vs the same server c
     .venv/bin/python -m bench.overhead                 # c=1: 2,000 requests; c=32: 10,000 requests
 
 Reports, per mode (JSON body / SSE stream):
-  c=1   p50/p99 latency direct and through aibox; p50 overhead = difference of the p50s; and the
-        gateway's own `x-aibox-overhead-ms` header (time in the gateway minus time waiting on the
-        backend, measured when the response headers are sent)
+  c=1   p50/p99 latency direct and through aibox; p50 overhead = difference of the p50s, measured
+        in `--rounds` rounds that alternate direct and aibox (the median of the per-round
+        differences: this VM's speed drifts within minutes, and a round pairs two measurements
+        taken seconds apart); and the gateway's own `x-aibox-overhead-ms` header (time in the
+        gateway minus time waiting on the backend, measured when the response headers are sent)
   c=32  RPS direct and through aibox, and the server's CPU per request, which gives the RPS one
         worker process sustains on one core (the client and the upstream share this machine's
         other core, so wall-clock RPS on 2 cores understates a worker's capacity)
@@ -187,6 +189,14 @@ async def _measure(url: str, path: str, body: bytes, headers: dict[str, str], n:
             "overhead_hdr_p50": percentile(overheads, 50) if overheads else None, "bad": bad, "wall": wall}  # fmt: skip
 
 
+def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row for several rounds: medians of the per-round figures, summed bad responses."""
+    med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
+    out = {key: med(key) for key in ("rps", "p50", "p99", "server_cpu_us")}
+    hdr = [r["overhead_hdr_p50"] for r in rounds if r["overhead_hdr_p50"] is not None]
+    return out | {"overhead_hdr_p50": statistics.median(hdr) if hdr else None, "bad": sum(r["bad"] for r in rounds)}
+
+
 def _body(stream: bool, model: str) -> bytes:
     b: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "hello there"}], "max_tokens": NUM_TOKENS}
     if stream:
@@ -198,6 +208,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--n1", type=int, default=2000, help="requests at concurrency 1")
     p.add_argument("--n32", type=int, default=10000, help="requests at concurrency 32")
+    p.add_argument("--rounds", type=int, default=8, help="c=1: alternating direct/aibox rounds sharing --n1")
     p.add_argument("--disable", default="", help="comma list of auth,ratelimit,audit to turn off (ablation)")
     p.add_argument("--modes", default="json,sse", help="json,sse")
     p.add_argument("--no-access-log", action="store_true", help='server.log_level = "warning" (ablation)')
@@ -243,15 +254,33 @@ def main() -> int:
     try:
         server.wait_ready()
         for mode, stream in [(m, m == "sse") for m in args.modes.split(",")]:
-            for conc, n in ((1, args.n1), (32, args.n32)):
-                for target in ("direct", "aibox"):
-                    url, headers = (direct_url, json_h) if target == "direct" else (server.url, auth_h)
-                    body = _body(stream, "tiny" if target == "direct" else "m")
-                    asyncio.run(_measure(url, "/v1/chat/completions", body, headers, min(n, 500), conc))  # warm-up
+            targets = {
+                "direct": (direct_url, json_h, _body(stream, "tiny")),
+                "aibox": (server.url, auth_h, _body(stream, "m")),
+            }
+            for url, headers, body in targets.values():  # warm-up
+                asyncio.run(_measure(url, "/v1/chat/completions", body, headers, 500, 1))
+            rounds: dict[str, list[dict[str, Any]]] = {"direct": [], "aibox": []}
+            per_round = max(50, args.n1 // max(1, args.rounds))
+            for i in range(max(1, args.rounds)):
+                for target in ("direct", "aibox") if i % 2 == 0 else ("aibox", "direct"):
+                    url, headers, body = targets[target]
                     cpu0 = server.cpu_s()
-                    r = asyncio.run(_measure(url, "/v1/chat/completions", body, headers, n, conc))
-                    r["server_cpu_us"] = (server.cpu_s() - cpu0) / n * 1e6
-                    results[(mode, target, conc)] = r
+                    r = asyncio.run(_measure(url, "/v1/chat/completions", body, headers, per_round, 1))
+                    r["server_cpu_us"] = (server.cpu_s() - cpu0) / per_round * 1e6
+                    rounds[target].append(r)
+            for target, rs in rounds.items():
+                results[(mode, target, 1)] = _combine(rs)
+            results[(mode, "aibox", 1)]["overhead"] = statistics.median(
+                a["p50"] - d["p50"] for a, d in zip(rounds["aibox"], rounds["direct"], strict=True)
+            )
+            for target in ("direct", "aibox"):
+                url, headers, body = targets[target]
+                asyncio.run(_measure(url, "/v1/chat/completions", body, headers, min(args.n32, 500), 32))  # warm-up
+                cpu0 = server.cpu_s()
+                r = asyncio.run(_measure(url, "/v1/chat/completions", body, headers, args.n32, 32))
+                r["server_cpu_us"] = (server.cpu_s() - cpu0) / args.n32 * 1e6
+                results[(mode, target, 32)] = r
     finally:
         rc = server.stop()
         upstream.terminate()
@@ -266,7 +295,8 @@ def main() -> int:
         for conc in (1, 32):
             d, a = results[(mode, "direct", conc)], results[(mode, "aibox", conc)]
             failed |= bool(d["bad"] or a["bad"])
-            print(f"| {mode} | {conc} | {d['p50']:.3f} | {a['p50']:.3f} | {a['p50'] - d['p50']:.3f} | {a['overhead_hdr_p50']:.3f} | "
+            overhead = a.get("overhead", a["p50"] - d["p50"])
+            print(f"| {mode} | {conc} | {d['p50']:.3f} | {a['p50']:.3f} | {overhead:.3f} | {a['overhead_hdr_p50']:.3f} | "
                   f"{d['p99']:.3f} | {a['p99']:.3f} | {d['rps']:.0f} | {a['rps']:.0f} | {a['rps'] / d['rps']:.2f} | "
                   f"{a['server_cpu_us']:.0f} | {1e6 / a['server_cpu_us']:.0f} |")  # fmt: skip
     if failed:
