@@ -1,0 +1,128 @@
+"""Interleaved A/B of two checkouts of aibox in front of the same canned upstream.
+
+    git worktree add /tmp/aibox-a <rev>          # each checkout needs no venv of its own
+    .venv/bin/python -m bench.ab /tmp/aibox-a . [--mode json|sse] [--rounds 12] [--n 300] [--concurrency 1]
+
+This VM's speed drifts within minutes, so two benchmark runs taken one after the other compare
+the machine as much as the code. Here both gateways (auth, rate limits and audit on, as in
+bench.overhead) run at once against one upstream process, and the client alternates short
+rounds between direct, A and B (the order flips every round). Reported per checkout: the median
+over rounds of (its p50 - the direct p50 of the same round), and the median server CPU per
+request, with the per-round values so the spread is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from bench.harness import SECRET, SECRET_ENV, api_key, free_port, machine, temp_dir, write_config
+from bench.overhead import _body, _measure
+
+ROOT = Path(__file__).resolve().parents[1]
+BIG = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
+
+
+def _serve(checkout: Path, up_port: int) -> tuple[subprocess.Popen[bytes], str]:
+    folder = temp_dir("aibox-ab-")
+    tables = {
+        "auth": {"secret_env": SECRET_ENV, "dev_generate_secret": False},
+        "ratelimit": {"store": "memory"},
+        "ratelimit.tiers.default": {"principal": BIG, "model": BIG},
+        "audit": {"path": str(folder / "usage.db")},
+        "backends.up": {"type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "tiny"},
+    }
+    config = write_config(folder, tables, [{"name": "m", "deployments": [{"backend": "up"}]}])
+    port = free_port()
+    with (folder / "serve.log").open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)],
+            cwd=checkout, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, SECRET_ENV: SECRET},
+        )  # fmt: skip
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"aibox at {url} exited")
+        try:
+            if httpx.get(url + "/ready").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"aibox at {url} not ready")
+
+
+def _cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a", type=Path, help="checkout A (the baseline)")
+    p.add_argument("b", type=Path, help="checkout B")
+    p.add_argument("--mode", choices=["json", "sse"], default="json")
+    p.add_argument("--rounds", type=int, default=12)
+    p.add_argument("--n", type=int, default=300, help="requests per target per round")
+    p.add_argument("--concurrency", type=int, default=1)
+    args = p.parse_args()
+    up_port = free_port()
+    upstream = subprocess.Popen([sys.executable, "-m", "bench.overhead", "--upstream", str(up_port)], cwd=ROOT)
+    servers = {str(c): _serve(c.resolve(), up_port) for c in (args.a, args.b)}
+    try:
+        for proc, url in servers.values():
+            _wait_ready(url, proc)
+        stream = args.mode == "sse"
+        auth = {"content-type": "application/json", "authorization": "Bearer " + api_key("ab")}
+        targets: list[tuple[str, str, bytes, dict[str, str], int | None]] = [
+            ("direct", f"http://127.0.0.1:{up_port}", _body(stream, "tiny"), {"content-type": "application/json"}, None)
+        ]
+        targets += [(name, url, _body(stream, "m"), auth, proc.pid) for name, (proc, url) in servers.items()]
+        for _, url, body, headers, _ in targets:  # warm-up
+            asyncio.run(_measure(url, "/v1/chat/completions", body, headers, 500, args.concurrency))
+        p50s: dict[str, list[float]] = {t[0]: [] for t in targets}
+        cpus: dict[str, list[float]] = {t[0]: [] for t in targets}
+        bad = 0
+        for i in range(args.rounds):
+            for name, url, body, headers, pid in targets if i % 2 == 0 else targets[::-1]:
+                cpu0 = _cpu_s(pid) if pid else 0.0
+                r: dict[str, Any] = asyncio.run(_measure(url, "/v1/chat/completions", body, headers, args.n, args.concurrency))
+                bad += r["bad"]
+                p50s[name].append(r["p50"])
+                if pid:
+                    cpus[name].append((_cpu_s(pid) - cpu0) / args.n * 1e6)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait()
+        upstream.terminate()
+        upstream.wait()
+    print(f"machine: {machine()}")
+    print(f"mode {args.mode}, concurrency {args.concurrency}, {args.rounds} rounds x {args.n} requests; "
+          f"direct p50 median {statistics.median(p50s['direct']):.3f} ms")  # fmt: skip
+    print("| checkout | p50 overhead ms (median of rounds) | server CPU µs/req (median) | per-round overhead | per-round CPU |")
+    print("|---|---|---|---|---|")
+    for name in servers:
+        diffs = [a - d for a, d in zip(p50s[name], p50s["direct"], strict=True)]
+        print(f"| {name} | {statistics.median(diffs):.3f} | {statistics.median(cpus[name]):.0f} | "
+              f"{' '.join(f'{x:.2f}' for x in diffs)} | {' '.join(f'{x:.0f}' for x in cpus[name])} |")  # fmt: skip
+    if bad:
+        print(f"RESULT: FAIL ({bad} bad responses)")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
