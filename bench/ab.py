@@ -25,23 +25,23 @@ from typing import Any
 
 import httpx
 
-from bench.harness import SECRET, SECRET_ENV, api_key, free_port, machine, temp_dir, write_config
-from bench.overhead import _body, _measure
+from bench.harness import (
+    SECRET,
+    SECRET_ENV,
+    api_key,
+    free_port,
+    machine,
+    temp_dir,
+    write_config,
+)
+from bench.overhead import _body, _measure, gateway_tables
 
 ROOT = Path(__file__).resolve().parents[1]
-BIG = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
 
 
 def _serve(checkout: Path, up_port: int) -> tuple[subprocess.Popen[bytes], str]:
     folder = temp_dir("aibox-ab-")
-    tables = {
-        "auth": {"secret_env": SECRET_ENV, "dev_generate_secret": False},
-        "ratelimit": {"store": "memory"},
-        "ratelimit.tiers.default": {"principal": BIG, "model": BIG},
-        "audit": {"path": str(folder / "usage.db")},
-        "backends.up": {"type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "tiny"},
-    }
-    config = write_config(folder, tables, [{"name": "m", "deployments": [{"backend": "up"}]}])
+    config = write_config(folder, gateway_tables(folder, up_port), [{"name": "m", "deployments": [{"backend": "up"}]}])
     port = free_port()
     with (folder / "serve.log").open("wb") as log:
         proc = subprocess.Popen(

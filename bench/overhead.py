@@ -189,6 +189,19 @@ async def _measure(url: str, path: str, body: bytes, headers: dict[str, str], n:
             "overhead_hdr_p50": percentile(overheads, 50) if overheads else None, "bad": bad, "wall": wall}  # fmt: skip
 
 
+def gateway_tables(folder: Any, up_port: int) -> dict[str, dict[str, Any]]:
+    """aibox with auth, rate limits (never reached) and audit on, serving model `m` from the
+    canned upstream through the `openai` backend."""
+    big = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
+    return {
+        "auth": {"secret_env": SECRET_ENV, "dev_generate_secret": False},
+        "ratelimit": {"store": "memory"},
+        "ratelimit.tiers.default": {"principal": big, "model": big},
+        "audit": {"path": str(folder / "usage.db")},
+        "backends.up": {"type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "tiny"},
+    }
+
+
 def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """One row for several rounds: medians of the per-round figures, summed bad responses."""
     med = lambda key: statistics.median(r[key] for r in rounds)  # noqa: E731
@@ -233,14 +246,7 @@ def main() -> int:
             upstream.wait()
         return 0
     folder = temp_dir("aibox-overhead-")
-    big = {"requests_per_minute": 100_000_000, "tokens_per_minute": 1_000_000_000}
-    tables = {
-        "auth": {"secret_env": SECRET_ENV, "dev_generate_secret": False},
-        "ratelimit": {"store": "memory"},
-        "ratelimit.tiers.default": {"principal": big, "model": big},
-        "audit": {"path": str(folder / "usage.db")},
-        "backends.up": {"type": "openai", "base_url": f"http://127.0.0.1:{up_port}/v1", "model": "tiny"},
-    }
+    tables = gateway_tables(folder, up_port)
     if args.no_access_log:
         tables["server"] = {"log_level": "warning"}
     for part in filter(None, args.disable.split(",")):
