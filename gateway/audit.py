@@ -17,9 +17,10 @@ off the request path. After a crash the next start replays the spool. With
 
 If the database cannot be written (disk full, locked by another process) the rows stay queued
 in memory (bounded by `audit.buffer_rows`; past it they are dropped from memory but stay in the
-spool, replayed at the next start) and the writer retries until it recovers; without a spool `record()` still returns, after at most `commit_wait_s`, or at once
-while the store is known to be failing. That state is loud: error logs, `stats()` counters and
-`health()["ok"] = False`. If the spool itself cannot be written, rows take the waiting path.
+spool, replayed at the next start) and the writer retries until it recovers. Without a spool
+`record()` still returns, after at most `commit_wait_s`, or at once while the store is known to
+be failing. That state is loud: error logs, `stats()` counters and `health()["ok"] = False`.
+If the spool itself cannot be written, rows take the waiting path.
 """
 
 from __future__ import annotations
@@ -112,7 +113,7 @@ class AuditStore:
             try:
                 await asyncio.to_thread(spool.open)
             except OSError as exc:  # unwritable folder, no flock (some network file systems)
-                log.error("audit spool %s cannot be opened (%s); every request waits for its commit instead", spool.directory, exc)
+                log.error("audit spool %s cannot be opened (%s); requests wait for their commits instead", spool.directory, exc)
             else:
                 self._spool = self._writer.spool = spool
         self._writer.start()
@@ -149,7 +150,7 @@ class AuditStore:
         if spool is not None:
             try:
                 segment = spool.append(row)
-            except (OSError, TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:  # disk full, or a row JSON cannot hold
+            except (OSError, TypeError, ValueError, OverflowError, msgspec.EncodeError) as exc:  # disk full; not JSON
                 self._spool_failed(row, exc)
             else:
                 writer.submit(row, None, segment)  # durable already: the commit happens off the request path
@@ -206,7 +207,8 @@ class AuditStore:
         elif failing_for is not None:
             detail = f"cannot commit for {failing_for}s ({w.last_error}); {w.queue_depth} rows buffered"
         elif w.num_dropped:
-            detail = f"{w.num_dropped} rows dropped after the buffer filled ({w.last_error})"
+            detail = (f"{w.num_dropped} rows dropped from memory after the buffer filled ({w.last_error}); "
+                      "spooled ones are replayed at the next start")  # fmt: skip
         return {
             "ok": ok,
             "failing": failing_for is not None,

@@ -12,7 +12,7 @@ Files live next to the database, in `<db>-spool/`:
 
     <owner>.lock         flock()ed for as long as the owning process runs
     <owner>.<n>.jsonl    segments of rows; a sealed segment is deleted once every row in it
-                         is committed (or given up: rejected as unencodable, or dropped)
+                         is committed (or given up: rejected as unencodable)
 
 A clean shutdown commits everything and removes the owner's files. After a crash they stay,
 and so do rows the writer could not take (its memory buffer full while the database fails);
@@ -79,9 +79,16 @@ class Spool:
         # so recover() never sees it free.
         hidden = self.directory / f".{self._owner}.locking"
         self._lock_fd = os.open(hidden, os.O_WRONLY | os.O_CREAT, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        os.rename(hidden, self.directory / f"{self._owner}.lock")
-        self._rotate()
+        try:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.rename(hidden, self.directory / f"{self._owner}.lock")
+            self._rotate()
+        except OSError:  # e.g. no flock on this file system: leave nothing behind
+            os.close(self._lock_fd)
+            self._lock_fd = -1
+            _unlink(hidden)
+            _unlink(self.directory / f"{self._owner}.lock")
+            raise
 
     def append(self, record: AuditRecord) -> Segment:
         """Write the row (raises OSError: disk full, I/O error); the caller hands the returned
@@ -190,9 +197,8 @@ def recover(conn: Any, directory: Path, insert: Any) -> int:
             if not lock_path.exists():
                 continue  # replayed and removed while we waited for the lock
             segments = sorted(directory.glob(f"{owner}.*.jsonl"), key=lambda p: int(p.name.split(".")[-2]))
-            records = [r for p in segments for r in _read(p)]
-            total += _insert_missing(conn, records, insert)  # OperationalError: files kept, raised
-            for p in segments:
+            for p in segments:  # one transaction per segment (bounded memory); a replay is idempotent
+                total += _insert_missing(conn, _read(p), insert)  # OperationalError: the rest is kept, raised
                 _unlink(p)
             _unlink(lock_path)
         finally:
@@ -221,12 +227,12 @@ def _read(path: Path) -> list[AuditRecord]:
 
 
 def _lenient(line: bytes) -> AuditRecord | None:
-    """A row whose numbers JSON could not carry (NaN, inf -> null): those become 0."""
+    """A row whose duration JSON could not carry (NaN, inf -> null): it becomes 0. (Without a
+    time the row cannot be placed, and is skipped.)"""
     try:
         fields = msgspec.json.decode(line)
-        for name in ("ts", "total_ms", "prompt_tokens", "completion_tokens", "retries", "fallbacks", "status"):
-            if fields.get(name, 0) is None:
-                fields[name] = 0
+        if fields.get("total_ms", 0) is None:
+            fields["total_ms"] = 0.0
         return msgspec.convert(fields, AuditRecord)
     except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError):
         return None

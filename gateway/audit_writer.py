@@ -176,7 +176,8 @@ class AuditWriter(threading.Thread):
                 if now - self._last_drop_log >= LOG_EVERY_S:
                     self._last_drop_log = now
                     log.error(
-                        "audit buffer full (%d rows): dropping rows; %d dropped so far (last error: %s)",
+                        "audit buffer full (%d rows): dropping rows from memory (spooled ones are replayed at the "
+                        "next start); %d so far (last error: %s)",
                         self._buffer_rows, self.num_dropped, self.last_error,
                     )  # fmt: skip
                 return False

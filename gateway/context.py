@@ -96,7 +96,8 @@ async def finish(services: Services, call: Call) -> None:
     line) unless the response does that after its last byte (`call.report_later`). Never raises.
 
     Once per call: a second call (a stream's disconnect cleanup racing its own finish) returns
-    at once. Callers that can be cancelled mid-way shield it (see responders.stream)."""
+    at once. A stream's client leaving does not cut it (SSEResponse's `hold`); only a cancel from
+    elsewhere (uvicorn's forced shutdown after the drain timeout) could."""
     if call.finished:
         return
     call.finished = True

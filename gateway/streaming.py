@@ -96,10 +96,11 @@ class ClientWatch:
 
 class SSEResponse:
     """An SSE body as a bare ASGI app: sends each event as the iterator yields it, and stops the
-    iteration when the client leaves, so the iterator's `finally` cleans up (abort the backend,
-    settle limits, audit). One watcher task per stream, where Litestar's Stream runs an anyio
-    task group with cancel scopes. `on_unstarted` is that cleanup for an iterator that never
-    ran (closing an unstarted async generator skips its `finally`)."""
+    iteration when the client leaves (unless `hold()` says it is finishing up on its own), so the
+    iterator's `finally` cleans up (abort the backend, settle limits, audit). One watcher task per
+    stream, where Litestar's Stream runs an anyio task group with cancel scopes. `on_unstarted` is
+    that cleanup for an iterator that never ran (closing an unstarted async generator skips its
+    `finally`)."""
 
     __slots__ = ("after", "events", "headers", "hold", "on_unstarted")
 
@@ -129,7 +130,8 @@ class SSEResponse:
                 async for event in self.events:
                     await send({"type": "http.response.body", "body": event, "more_body": True})
                 watch.disarm()
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
+                if not watch.client_gone:  # gone while finishing up (hold): nothing left to send it
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             try:
                 await send.aclose()

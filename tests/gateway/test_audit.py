@@ -511,3 +511,29 @@ def test_a_row_json_cannot_carry_is_replayed_with_zeros(tmp_path: Path) -> None:
     (segment,) = sorted((tmp_path / "spool").glob("*.jsonl"))
     (record,) = _read(segment)
     assert record.request_id == "chatcmpl-0" and record.total_ms == 0
+
+
+def test_a_row_without_a_time_is_skipped_at_replay(tmp_path: Path) -> None:
+    from gateway.audit_spool import Spool, _read
+
+    spool = Spool(tmp_path / "spool")
+    spool.open()
+    spool.append(make_row(0, ts=float("nan")))
+    spool.append(make_row(1))
+    (segment,) = sorted((tmp_path / "spool").glob("*.jsonl"))
+    assert [r.request_id for r in _read(segment)] == ["chatcmpl-1"]
+
+
+def test_a_spool_that_cannot_be_locked_leaves_nothing_behind(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import fcntl
+
+    from gateway.audit_spool import Spool
+
+    def no_locks(fd: int, op: int) -> None:
+        raise OSError(37, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    spool = Spool(tmp_path / "spool")
+    with pytest.raises(OSError):
+        spool.open()
+    assert list((tmp_path / "spool").iterdir()) == [] and spool._lock_fd == -1

@@ -179,7 +179,7 @@ async def test_a_disconnect_during_the_final_commit_writes_one_row_and_ends_the_
     await leaver
     await asyncio.gather(*list(services.background))
     assert [(r.request_id, r.status) for r in services.audit.rows] == [("chatcmpl-1", 200)]
-    assert services.metrics.seen == [(200, True)]  # reported once, with the row's status
+    assert services.metrics.seen == [(200, False)]  # reported once, with the row's status (no final message: the client left)
     assert services.router.state()["f"]["in_flight"] == 0
     assert services.in_flight == 0
 
