@@ -35,18 +35,26 @@ class CoalescingSend:
         self._flushing: asyncio.Task[None] | None = None  # the last flush; each one waits for its predecessor
         self._handle: asyncio.Handle | None = None
 
+    def push(self, body: bytes) -> asyncio.Task[None] | None:
+        """Buffer one event: what sending `{"type": "http.response.body", "body": body,
+        "more_body": True}` does, without the message or a coroutine. Returns the write to
+        await when past 64 KiB (a slow client holds the producer back), else None."""
+        self._pending.append(body)
+        self._num_pending_bytes += len(body)
+        if self._num_pending_bytes > _MAX_BUFFERED_BYTES:
+            self._cancel_handle()
+            self._flush()
+            return self._flushing
+        if self._handle is None:
+            self._handle = self._loop.call_soon(self._flush)
+        return None
+
     async def __call__(self, message: Any) -> None:
         if message["type"] == "http.response.body":
             if message.get("more_body", False):
-                self._pending.append(message.get("body", b""))
-                self._num_pending_bytes += len(self._pending[-1])
-                if self._num_pending_bytes > _MAX_BUFFERED_BYTES:  # write now and wait: a slow client holds the producer back
-                    self._cancel_handle()
-                    self._flush()
-                    assert self._flushing is not None
-                    await self._flushing
-                elif self._handle is None:
-                    self._handle = self._loop.call_soon(self._flush)
+                backpressure = self.push(message.get("body", b""))
+                if backpressure is not None:
+                    await backpressure
                 return
             self._cancel_handle()  # the last message: buffered events go first
             if self._pending:

@@ -128,7 +128,9 @@ class SSEResponse:
             async with ClientWatch(receive, self.hold) as watch:
                 started = True
                 async for event in self.events:
-                    await send({"type": "http.response.body", "body": event, "more_body": True})
+                    backpressure = send.push(event)  # buffered, written on the next loop turn
+                    if backpressure is not None:
+                        await backpressure
                 watch.disarm()
                 if not watch.client_gone:  # gone while finishing up (hold): nothing left to send it
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
