@@ -139,13 +139,14 @@ class Watchdog:
     streams). The idle clock runs only while we wait on the backend, never while a slow client
     applies backpressure."""
 
-    __slots__ = ("loop", "deadline", "idle_s", "last", "task", "fired", "handle")
+    __slots__ = ("loop", "deadline", "idle_s", "last", "task", "owner", "fired", "handle")
 
     def __init__(self, deadline: float, idle_s: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.deadline, self.idle_s = deadline, idle_s
         self.last = self.loop.time()  # when the current wait began
         self.task: asyncio.Task[object] | None = None  # set while waiting on the backend
+        self.owner: asyncio.Task[object] | None = None  # the task iterating the stream (one per stream)
         self.fired = False
         self.handle: asyncio.TimerHandle | None = None
 
@@ -166,7 +167,9 @@ class Watchdog:
     async def next(self, it: AsyncIterator[Chunk]) -> Chunk | None:
         """The next chunk, None at the end, or BackendTimeout when a deadline passes."""
         self.last = self.loop.time()
-        self.task = asyncio.current_task()
+        if self.owner is None:
+            self.owner = asyncio.current_task()
+        self.task = self.owner
         if self.handle is None:
             self.handle = self.loop.call_at(self._due(), self._check)
         try:

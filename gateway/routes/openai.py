@@ -26,13 +26,13 @@ def services_of(state: State) -> pipeline.Services:
 
 
 @post("/v1/chat/completions", status_code=200, summary="Create a chat completion", operation_class=ChatCompletionOperation)
-async def chat_completions(request: Request[Any, Any, Any], state: State) -> ASGIApp:
-    return await pipeline.handle(services_of(state), request, "chat.completions")
+async def chat_completions(request: Request[Any, Any, Any]) -> ASGIApp:
+    return await pipeline.handle(services_of(request.app.state), request, "chat.completions")
 
 
 @post("/v1/completions", status_code=200, summary="Create a text completion", operation_class=CompletionOperation)
-async def completions(request: Request[Any, Any, Any], state: State) -> ASGIApp:
-    return await pipeline.handle(services_of(state), request, "completions")
+async def completions(request: Request[Any, Any, Any]) -> ASGIApp:
+    return await pipeline.handle(services_of(request.app.state), request, "completions")
 
 
 async def _principal(services: pipeline.Services, request: Request[Any, Any, Any]) -> Principal:
