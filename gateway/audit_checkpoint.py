@@ -29,13 +29,7 @@ WARN_WAL_FRAMES = 50_000  # ~200 MiB: even the backstop cannot reset it (a long-
 class Checkpointer(threading.Thread):
     """Runs `PRAGMA wal_checkpoint(PASSIVE)` on the audit database until stopped."""
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        interval_s: float = 1.0,
-        busy_timeout_ms: int = 5000,
-    ) -> None:
+    def __init__(self, path: str | Path, *, interval_s: float = 1.0, busy_timeout_ms: int = 5000) -> None:
         super().__init__(name="aibox-audit-checkpoint", daemon=True)
         self._path = str(path)
         self._interval_s = interval_s
