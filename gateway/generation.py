@@ -139,14 +139,14 @@ class Watchdog:
     streams). The idle clock runs only while we wait on the backend, never while a slow client
     applies backpressure."""
 
-    __slots__ = ("loop", "deadline", "idle_s", "last", "task", "owner", "fired", "handle")
+    __slots__ = ("loop", "deadline", "idle_s", "last", "owner", "waiting", "fired", "handle")
 
     def __init__(self, deadline: float, idle_s: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.deadline, self.idle_s = deadline, idle_s
         self.last = self.loop.time()  # when the current wait began
-        self.task: asyncio.Task[object] | None = None  # set while waiting on the backend
         self.owner: asyncio.Task[object] | None = None  # the task iterating the stream (one per stream)
+        self.waiting = False  # on the backend (the only time the deadlines apply)
         self.fired = False
         self.handle: asyncio.TimerHandle | None = None
 
@@ -155,12 +155,12 @@ class Watchdog:
 
     def _check(self) -> None:
         self.handle = None
-        if self.task is None:
+        if not self.waiting or self.owner is None:
             return  # not waiting: the next wait re-arms
         due = self._due()
         if self.loop.time() >= due:
             self.fired = True
-            self.task.cancel()
+            self.owner.cancel()
         else:
             self.handle = self.loop.call_at(due, self._check)
 
@@ -169,7 +169,7 @@ class Watchdog:
         self.last = self.loop.time()
         if self.owner is None:
             self.owner = asyncio.current_task()
-        self.task = self.owner
+        self.waiting = True
         if self.handle is None:
             self.handle = self.loop.call_at(self._due(), self._check)
         try:
@@ -177,11 +177,11 @@ class Watchdog:
         except StopAsyncIteration:
             return None
         except asyncio.CancelledError:
-            if not self.fired or self.task is None or self.task.uncancel() > 0:
+            if not self.fired or self.owner is None or self.owner.uncancel() > 0:
                 raise  # a real cancellation (client gone, shutdown), also when it raced our timeout
             raise BackendTimeout("The backend stopped producing output (deadline exceeded).") from None
         finally:
-            self.task = None
+            self.waiting = False
 
     def close(self) -> None:
         if self.handle is not None:
