@@ -290,8 +290,7 @@ class AuditWriter(threading.Thread):
             self._failed(exc, len(batch))
             return False
         self._committed(good)
-        self._notify(bad, ok=False)
-        self._release(bad)
+        self._done(bad, ok=False)
         return True
 
     def _insert(self, batch: list[Item]) -> None:
@@ -304,27 +303,21 @@ class AuditWriter(threading.Thread):
         if self.failing_since is not None:
             log.warning("audit store recovered after %.1fs of failures", time.monotonic() - self.failing_since)
             self.failing_since = None
-        self._notify(batch, ok=True)
-        self._release(batch)
+        self._done(batch, ok=True)
 
-    def _release(self, batch: list[Item]) -> None:
-        """These rows are done with (committed, or rejected): their spool lines may go."""
-        spool = self.spool
-        if spool is None:
-            return
-        counts: dict[Segment, int] = {}
-        for item in batch:
-            segment = item[3]
-            if segment is not None:
-                counts[segment] = counts.get(segment, 0) + 1
-        for segment, num in counts.items():
-            spool.done(segment, num)
-
-    def _notify(self, batch: list[Item], *, ok: bool) -> None:
+    def _done(self, batch: list[Item], *, ok: bool) -> None:
+        """These rows are done with (committed, or rejected): wake whoever waits for them, and
+        let their spool lines go."""
         by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[bool]]] = {}
-        for _, _, waiter, _ in batch:
+        by_segment: dict[Segment, int] = {}
+        for _, _, waiter, segment in batch:
             if waiter is not None:
                 by_loop.setdefault(waiter[0], []).append(waiter[1])
+            if segment is not None:
+                by_segment[segment] = by_segment.get(segment, 0) + 1
+        if self.spool is not None:
+            for segment, num in by_segment.items():
+                self.spool.done(segment, num)
         for loop, futures in by_loop.items():  # one wake-up per loop per batch, not per row
             try:
                 loop.call_soon_threadsafe(_resolve, futures, ok)
