@@ -118,10 +118,9 @@ class Spool:
         """`num_rows` of the segment's rows are in the database (or given up)."""
         with self._lock:
             segment.pending -= num_rows
-            if not segment.sealed or segment.pending > 0:
-                return
-            self._segments.remove(segment)
-        _unlink(segment.path)
+            finished = self._retire(segment)
+        if finished:
+            _unlink(segment.path)
 
     @property
     def pending(self) -> int:
@@ -138,16 +137,21 @@ class Spool:
         self._num_segments += 1
         self._size = 0
         self._active = Segment(path)
+        finished = False
         with self._lock:
             self._segments.append(self._active)
             if old is not None:
                 old.sealed = True
-                if old.pending > 0:
-                    old = None
-                else:
-                    self._segments.remove(old)
-        if old is not None:
+                finished = self._retire(old)
+        if old is not None and finished:
             _unlink(old.path)
+
+    def _retire(self, segment: Segment) -> bool:
+        """Under the lock: forget a sealed segment with no rows left; True if its file can go."""
+        if not segment.sealed or segment.pending > 0:
+            return False
+        self._segments.remove(segment)
+        return True
 
     def close(self, *, writer_alive: bool = False) -> int:
         """Release the spool; returns the rows left uncommitted. With none left every file is
