@@ -15,59 +15,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
-
-from bench.harness import (
-    SECRET,
-    SECRET_ENV,
-    api_key,
-    free_port,
-    machine,
-    temp_dir,
-    write_config,
-)
+from bench.harness import Aibox, api_key, free_port, machine, temp_dir, write_config
 from bench.overhead import _body, _measure, gateway_tables
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _serve(checkout: Path, up_port: int) -> tuple[subprocess.Popen[bytes], str]:
+def _serve(checkout: Path, up_port: int) -> Aibox:
     folder = temp_dir("aibox-ab-")
     config = write_config(folder, gateway_tables(folder, up_port), [{"name": "m", "deployments": [{"backend": "up"}]}])
-    port = free_port()
-    with (folder / "serve.log").open("wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(port)],
-            cwd=checkout, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, SECRET_ENV: SECRET},
-        )  # fmt: skip
-    return proc, f"http://127.0.0.1:{port}"
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"aibox at {url} exited")
-        try:
-            if httpx.get(url + "/ready").status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"aibox at {url} not ready")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return Aibox(config, root=checkout)
 
 
 def main() -> int:
@@ -83,31 +46,30 @@ def main() -> int:
     upstream = subprocess.Popen([sys.executable, "-m", "bench.overhead", "--upstream", str(up_port)], cwd=ROOT)
     servers = {str(c): _serve(c.resolve(), up_port) for c in (args.a, args.b)}
     try:
-        for proc, url in servers.values():
-            _wait_ready(url, proc)
+        for server in servers.values():
+            server.wait_ready()
         stream = args.mode == "sse"
         auth = {"content-type": "application/json", "authorization": "Bearer " + api_key("ab")}
-        targets: list[tuple[str, str, bytes, dict[str, str], int | None]] = [
+        targets: list[tuple[str, str, bytes, dict[str, str], Aibox | None]] = [
             ("direct", f"http://127.0.0.1:{up_port}", _body(stream, "tiny"), {"content-type": "application/json"}, None)
         ]
-        targets += [(name, url, _body(stream, "m"), auth, proc.pid) for name, (proc, url) in servers.items()]
+        targets += [(name, server.url, _body(stream, "m"), auth, server) for name, server in servers.items()]
         for _, url, body, headers, _ in targets:  # warm-up
             asyncio.run(_measure(url, "/v1/chat/completions", body, headers, 500, args.concurrency))
         p50s: dict[str, list[float]] = {t[0]: [] for t in targets}
         cpus: dict[str, list[float]] = {t[0]: [] for t in targets}
         bad = 0
         for i in range(args.rounds):
-            for name, url, body, headers, pid in targets if i % 2 == 0 else targets[::-1]:
-                cpu0 = _cpu_s(pid) if pid else 0.0
+            for name, url, body, headers, server in targets if i % 2 == 0 else targets[::-1]:
+                cpu0 = server.cpu_s() if server else 0.0
                 r: dict[str, Any] = asyncio.run(_measure(url, "/v1/chat/completions", body, headers, args.n, args.concurrency))
                 bad += r["bad"]
                 p50s[name].append(r["p50"])
-                if pid:
-                    cpus[name].append((_cpu_s(pid) - cpu0) / args.n * 1e6)
+                if server:
+                    cpus[name].append((server.cpu_s() - cpu0) / args.n * 1e6)
     finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait()
+        for server in servers.values():
+            server.stop()
         upstream.terminate()
         upstream.wait()
     print(f"machine: {machine()}")

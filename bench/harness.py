@@ -69,14 +69,17 @@ def write_config(folder: Path, tables: dict[str, dict[str, Any]], models: list[d
 class Aibox:
     """`python -m gateway.cli serve` in a subprocess; stderr goes to a log file."""
 
-    def __init__(self, config: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Path, port: int | None = None, env: dict[str, str] | None = None, root: Path = ROOT
+    ) -> None:
+        """`root`: the checkout whose code serves (bench/ab.py compares two)."""
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = config.parent / "serve.log"
         self._log = self.log_path.open("wb")
         cmd = [sys.executable, "-m", "gateway.cli", "serve", "--config", str(config), "--port", str(self.port)]
         full_env = {**os.environ, SECRET_ENV: SECRET, **(env or {})}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
+        self.proc = subprocess.Popen(cmd, cwd=root, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
 
     def wait_ready(self, timeout_s: float = 60.0) -> None:
         deadline = time.monotonic() + timeout_s
