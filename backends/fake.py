@@ -18,6 +18,7 @@ Config `fail_after_tokens = N` makes one deployment die (retriably) after N chun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import zlib
 from collections.abc import AsyncIterator
@@ -109,16 +110,18 @@ class FakeBackend:
                 await asyncio.Event().wait()
             if cfg.first_token_delay_s:
                 await asyncio.sleep(cfg.first_token_delay_s)
-            async for chunk in self._emit(script, max_tokens, request.sampling.stop, num_prompt, fail_after):
-                if bug_after is not None and chunk.text:
-                    bug_after -= 1
-                    if bug_after < 0:
-                        raise RuntimeError("scripted bug mid-stream")
-                if dies_after is not None and chunk.text:
-                    dies_after -= 1
-                    if dies_after < 0:
-                        raise BackendUnavailable(f"backend {self.name!r} lost its connection mid-stream (scripted)")
-                yield chunk
+            chunks = self._emit(script, max_tokens, request.sampling.stop, num_prompt, fail_after)
+            async with contextlib.aclosing(chunks):  # not left to the GC when the consumer stops early
+                async for chunk in chunks:
+                    if bug_after is not None and chunk.text:
+                        bug_after -= 1
+                        if bug_after < 0:
+                            raise RuntimeError("scripted bug mid-stream")
+                    if dies_after is not None and chunk.text:
+                        dies_after -= 1
+                        if dies_after < 0:
+                            raise BackendUnavailable(f"backend {self.name!r} lost its connection mid-stream (scripted)")
+                    yield chunk
         finally:
             self._in_flight -= 1
 

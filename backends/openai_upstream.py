@@ -27,6 +27,7 @@ loop with every client connection; ours stays ~10 us/event (JSON decoding includ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -155,10 +156,14 @@ class OpenAIUpstreamBackend:
                         error_body = b""
                     raise self._status_error(response.status_code, error_body, response.headers.get("retry-after"))
                 if response.headers.get("content-type", "").startswith("application/json"):
-                    async for chunk in self._whole(response, chat, min(total_deadline, start + cfg.first_token_timeout_s)):
-                        yield chunk
+                    inner = self._whole(response, chat, min(total_deadline, start + cfg.first_token_timeout_s))
                 else:
-                    async for chunk in self._stream(response, chat, start, total_deadline):
+                    inner = self._stream(response, chat, start, total_deadline)
+                # Closed here, not left to the garbage collector: a consumer stops after the
+                # finish chunk, and a suspended generator dropped unclosed costs the event loop
+                # a finalizer task and a self-pipe wake-up per request (strace: write(eventfd)).
+                async with contextlib.aclosing(inner):
+                    async for chunk in inner:
                         yield chunk
             finally:
                 await response.aclose()

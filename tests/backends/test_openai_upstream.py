@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import pytest
 
@@ -200,6 +203,31 @@ async def test_early_close_releases_the_request(started: OpenAIUpstreamBackend, 
     assert first.text == "up1 "
     await gen.aclose()  # the client went away
     assert started.stats()["in_flight"] == 0
+
+
+@pytest.mark.parametrize("model", ["tiny", "tiny?json=1"])  # SSE, and one JSON body
+async def test_closing_after_the_finish_chunk_leaves_nothing_to_the_gc(started: OpenAIUpstreamBackend, model: str) -> None:
+    """The gateway stops at the finish chunk and closes the stream: no inner generator may be left
+    to the event loop's async-generator finalizer (a task and a loop wake-up per request)."""
+    finalized: list[str] = []
+    hooks = sys.get_asyncgen_hooks()
+
+    def finalizer(agen: Any) -> None:
+        finalized.append(agen.__qualname__)
+        hooks.finalizer(agen)  # type: ignore[misc]
+
+    sys.set_asyncgen_hooks(firstiter=hooks.firstiter, finalizer=finalizer)
+    try:
+        started.config.model = model
+        gen = started.generate(chat(max_tokens=3))
+        while (await anext(gen)).finish_reason is None:  # type: ignore[call-overload]
+            pass
+        await gen.aclose()
+        del gen
+        gc.collect()
+    finally:
+        sys.set_asyncgen_hooks(*hooks)
+    assert finalized == []
 
 
 async def test_connections_are_kept_alive_and_reused(upstream: UpstreamServer) -> None:
