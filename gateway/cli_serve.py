@@ -44,12 +44,14 @@ def serve(args: argparse.Namespace) -> int:
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
     log.info("aibox serving on http://%s:%d/v1", host, port)
+    from gateway.corked import CorkedHttpToolsProtocol
     from gateway.drain import DrainingServer
 
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
+        http=CorkedHttpToolsProtocol,  # status line, headers and body in one write
         log_config=None,
         access_log=False,
         proxy_headers=False,  # nothing reads the client address or scheme: skip a middleware per request

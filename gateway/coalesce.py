@@ -12,6 +12,10 @@ time-to-first-token and inter-token latency are unchanged, and a burst becomes o
 final message carries whatever is still buffered; past 64 KiB buffered the producer writes and
 waits, so a slow client still applies backpressure. (It was a middleware around every response;
 as part of the SSE response, JSON responses no longer pay for it.)
+
+The response's `http.response.start` is held the same way and sent just before the first events
+(or at the end of its loop turn if none are ready): uvicorn writes the head at once, and with
+`gateway.corked` the head and the events that follow it in the same step go out as one write.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ _MAX_BUFFERED_BYTES = 64 * 1024
 class CoalescingSend:
     """`send = CoalescingSend(send)`, then `await send.aclose()` when the response is over."""
 
-    __slots__ = ("_flushing", "_handle", "_loop", "_num_pending_bytes", "_pending", "_send")
+    __slots__ = ("_flushing", "_handle", "_loop", "_num_pending_bytes", "_pending", "_send", "_start")
 
     def __init__(self, send: Any) -> None:
         self._send = send
@@ -34,6 +38,7 @@ class CoalescingSend:
         self._num_pending_bytes = 0
         self._flushing: asyncio.Task[None] | None = None  # the last flush; each one waits for its predecessor
         self._handle: asyncio.Handle | None = None
+        self._start: Any = None  # the held http.response.start message
 
     def push(self, body: bytes) -> asyncio.Task[None] | None:
         """Buffer one event: what sending `{"type": "http.response.body", "body": body,
@@ -50,6 +55,11 @@ class CoalescingSend:
         return None
 
     async def __call__(self, message: Any) -> None:
+        if message["type"] == "http.response.start":
+            self._start = message
+            if self._handle is None:
+                self._handle = self._loop.call_soon(self._flush)
+            return
         if message["type"] == "http.response.body":
             if message.get("more_body", False):
                 backpressure = self.push(message.get("body", b""))
@@ -62,20 +72,27 @@ class CoalescingSend:
                 self._pending.clear()
         if self._flushing is not None:
             await self._flushing
+        start, self._start = self._start, None
+        if start is not None:
+            await self._send(start)
         await self._send(message)
 
     def _flush(self) -> None:
         self._handle = None
-        if self._pending:
+        if self._pending or self._start is not None:
             body = b"".join(self._pending)
             self._pending.clear()
             self._num_pending_bytes = 0
-            self._flushing = self._loop.create_task(self._write_after(self._flushing, body))
+            start, self._start = self._start, None
+            self._flushing = self._loop.create_task(self._write_after(self._flushing, start, body))
 
-    async def _write_after(self, previous: asyncio.Task[None] | None, body: bytes) -> None:
+    async def _write_after(self, previous: asyncio.Task[None] | None, start: Any, body: bytes) -> None:
         if previous is not None:
             await previous
-        await self._send({"type": "http.response.body", "body": body, "more_body": True})
+        if start is not None:
+            await self._send(start)
+        if body:
+            await self._send({"type": "http.response.body", "body": body, "more_body": True})
 
     def _cancel_handle(self) -> None:
         if self._handle is not None:

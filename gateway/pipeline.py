@@ -32,8 +32,8 @@ from gateway.errors import (
     Unauthorized,
     Unavailable,
 )
-from gateway.generation import Opened, open_with_failover
-from gateway.responders import abandon, respond_json, stream
+from gateway.generation import open_with_failover
+from gateway.responders import respond_json, stream
 from gateway.schemas import encoder
 from gateway.streaming import JSONResponse, ResponseShape, SSEResponse
 from policies import auth as auth_policy
@@ -124,19 +124,15 @@ async def _handle(services: Services, request: Request[Any, Any, Any], call: Cal
     if call.stream:
         open_task = asyncio.ensure_future(open_with_failover(services, call, attempts, subs, deadline))
         done, _ = await asyncio.wait({open_task}, timeout=settings.server.keepalive_s)
-        opened: Opened | None = None
         if done:
             opened = open_task.result()  # raises APIError -> a real HTTP error status
-            shape = shape_for(opened.attempt.model.name)
-            gen = stream(services, call, shape, subs, deadline, opened=opened)
+            gen = stream(services, call, shape_for(opened.attempt.model.name), subs, deadline, opened=opened)
         else:
             gen = stream(services, call, None, subs, deadline, pending=open_task, shape_for=shape_for)
         call.headers["x-aibox-overhead-ms"] = f"{overhead_ms(call):.3f}"
-        pending = None if done else open_task
         return SSEResponse(
             gen,
             call.headers,
-            on_unstarted=lambda: abandon(services, call, None, subs, opened, pending),
             hold=lambda: call.finished,  # once finish() began the stream completes on its own: [DONE] is next
         )
     return await respond_json(services, request, call, subs, deadline, shape_for, attempts)

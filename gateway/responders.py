@@ -197,10 +197,10 @@ def abandon(
     opened: Opened | None,
     pending: asyncio.Future[Opened] | None,
 ) -> None:
-    """The client left before the stream ended (also before it started: SSEResponse calls this
-    for a body it never iterated). Cancel what is still opening, count what was generated, and
-    close the backend streams, end the attempt and finish (row 499) in the background. Nothing
-    to do once finish() has begun: it completes on its own (SSEResponse's hold)."""
+    """The client left before the stream ended. Cancel what is still opening, count what was
+    generated, and close the backend streams, end the attempt and finish (row 499) in the
+    background. Nothing to do once finish() has begun: it completes on its own (SSEResponse's
+    hold)."""
     if call.finished:
         return
     call.report_later = False  # the background cleanup reports when its finish() is done

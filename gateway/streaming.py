@@ -98,35 +98,30 @@ class SSEResponse:
     """An SSE body as a bare ASGI app: sends each event as the iterator yields it, and stops the
     iteration when the client leaves (unless `hold()` says it is finishing up on its own), so the
     iterator's `finally` cleans up (abort the backend, settle limits, audit). One watcher task per
-    stream, where Litestar's Stream runs an anyio task group with cancel scopes. `on_unstarted` is
-    that cleanup for an iterator that never ran (closing an unstarted async generator skips its
-    `finally`)."""
+    stream, where Litestar's Stream runs an anyio task group with cancel scopes."""
 
-    __slots__ = ("after", "events", "headers", "hold", "on_unstarted")
+    __slots__ = ("after", "events", "headers", "hold")
 
     def __init__(
         self,
         events: AsyncIterator[bytes],
         headers: dict[str, str] | None = None,
-        on_unstarted: Callable[[], None] | None = None,
         hold: Callable[[], bool] | None = None,
     ) -> None:
         self.events = events
         self.headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache")]
         self.headers += _encode_headers(headers or {})
-        self.on_unstarted = on_unstarted
         self.hold = hold  # see ClientWatch
         self.after: Callable[[], None] | None = None  # runs once the last byte is sent (or could not be)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        started = False
         send = CoalescingSend(send)  # events ready in the same loop turn go out in one write
         try:
+            # The head is held by CoalescingSend and written with the first events. Nothing
+            # here suspends before the first __anext__ enters the iterator, so its `finally`
+            # always runs: a disconnect's cancel lands inside it (or in a body send after it).
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            # Watch from here: the first __anext__ enters the iterator before anything can suspend,
-            # so a disconnect's cancel always lands inside it (or in a body send after it started).
             async with ClientWatch(receive, self.hold) as watch:
-                started = True
                 async for event in self.events:
                     backpressure = send.push(event)  # buffered, written on the next loop turn
                     if backpressure is not None:
@@ -139,10 +134,7 @@ class SSEResponse:
                 await send.aclose()
             finally:
                 try:
-                    if started:
-                        await self.events.aclose()  # type: ignore[attr-defined]  # its cleanup, if cut off mid-way
-                    elif self.on_unstarted is not None:
-                        self.on_unstarted()
+                    await self.events.aclose()  # type: ignore[attr-defined]  # its cleanup, if cut off mid-way
                 finally:
                     if self.after is not None:
                         self.after()

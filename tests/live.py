@@ -13,6 +13,7 @@ import msgspec
 import uvicorn
 
 from gateway.app import create_app
+from gateway.corked import CorkedHttpToolsProtocol
 from gateway.settings import Settings, parse
 
 
@@ -24,7 +25,9 @@ def settings_from(doc: dict[str, Any]) -> Settings:
 class LiveServer:
     def __init__(self, app: Any) -> None:
         self.app = app
-        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_config=None, access_log=False, lifespan="on")
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=0, http=CorkedHttpToolsProtocol, log_config=None, access_log=False, lifespan="on"
+        )  # the protocol `aibox serve` runs
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

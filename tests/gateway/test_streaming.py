@@ -184,20 +184,20 @@ async def test_a_disconnect_during_the_final_commit_writes_one_row_and_ends_the_
     assert services.in_flight == 0
 
 
-async def test_a_stream_that_never_started_is_cleaned_up() -> None:
-    from gateway.responders import abandon
-
-    services, call, gen, (subs, opened) = await _stream_setup()
+async def test_a_failing_first_write_still_records_one_row_and_ends_the_attempt() -> None:
+    """The head is held until the first events (CoalescingSend), so the iterator always runs:
+    a send that fails at the first write leaves nothing opened or unrecorded."""
+    services, call, gen, _ = await _stream_setup()
     assert services.router.state()["f"]["in_flight"] == 1  # opened
 
     async def broken_send(message: dict[str, Any]) -> None:
         raise OSError("connection reset")
 
-    response = SSEResponse(gen, on_unstarted=lambda: abandon(services, call, None, subs, opened, None))
+    response = SSEResponse(gen, hold=lambda: call.finished)
     with pytest.raises(OSError):
         await response({}, Client().receive, broken_send)
     await asyncio.gather(*list(services.background))
-    assert [r.status for r in services.audit.rows] == [499]  # recorded, as a client that left
+    assert len(services.audit.rows) == 1  # recorded once
     assert services.router.state()["f"]["in_flight"] == 0  # the opened attempt was ended
 
 

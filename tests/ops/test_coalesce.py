@@ -1,5 +1,5 @@
 """gateway.coalesce at the ASGI level: bursts become one write, waits flush at once, order and
-bytes are preserved, a slow client applies backpressure."""
+bytes are preserved, a slow client applies backpressure, the head is held for the first events."""
 
 from __future__ import annotations
 
@@ -86,3 +86,14 @@ async def test_a_slow_client_holds_the_producer_back() -> None:
     assert body_of(sent) == big * 12
     assert max(len(m["body"]) for m in writes) <= 2 * len(big)  # never more than 64 KiB + one event
     assert len(writes) >= 6 and time.monotonic() - t0 >= 0.3  # the producer waited on each slow write
+
+
+async def test_the_head_goes_out_with_the_first_events_or_alone_when_none_are_ready() -> None:
+    sent = await run(streaming_app(SSE_START, [0.0, 0.0]))
+    assert [m["type"] for _, m in sent] == ["http.response.start", "http.response.body"]  # sent together, in order
+
+    t0 = time.monotonic()
+    sent = await run(streaming_app(SSE_START, [0.2, 0.0]))  # nothing to send for a while: the head is not held
+    (t_start, start), (t_first, first), *_ = sent
+    assert start["type"] == "http.response.start" and t_start - t0 < 0.1
+    assert first["body"] == event(0) + event(1) + b"data: [DONE]\n\n" and t_first - t0 >= 0.2
