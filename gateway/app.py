@@ -15,6 +15,7 @@ from backends.base import Backend
 from backends.registry import create_backend
 from gateway.drain import Drain
 from gateway.errors import handle_exception
+from gateway.fastpath import Gateway
 from gateway.pipeline import Services, record_refusal
 from gateway.routes import health, metrics, openai
 from gateway.settings import Settings
@@ -123,7 +124,8 @@ def create_app(settings: Settings, *, config_path: str | None = None) -> Litesta
             await close_services(state.services)
             await services.metrics.close()
 
-    return Litestar(
+    return Gateway(
+        drain=drain,
         route_handlers=[
             openai.chat_completions,
             openai.completions,

@@ -6,7 +6,9 @@
 Each worker loads its own backends (in-process engines are per worker: size memory for N copies)
 and shares rate limits only through Redis (`ratelimit.store = "redis"`). `aibox serve` (one
 process, drain on SIGTERM) remains the default; under `--workers` uvicorn's own shutdown applies
-(listener closed, in-flight requests given `--timeout-graceful-shutdown`).
+(listener closed, in-flight requests given `--timeout-graceful-shutdown`), and uvicorn's own
+HTTP protocol writes each response's head and body separately (`aibox serve` runs
+gateway.corked's, which joins them; uvicorn's `--http` option takes only its built-in names).
 """
 
 from __future__ import annotations

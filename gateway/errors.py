@@ -100,6 +100,15 @@ class PayloadTooLarge(APIError):
     code = "body_too_large"
 
 
+class ClientClosed(APIError):
+    """The client went away before its request was read (recorded as 499, like a client that
+    leaves mid-generation)."""
+
+    status_code = 499
+    error_type = "client_closed"
+    code = "client_closed"
+
+
 class RateLimited(APIError):
     status_code = 429
     error_type = "rate_limit_exceeded"

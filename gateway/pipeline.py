@@ -15,10 +15,10 @@ import time
 import uuid
 from typing import Any
 
-from litestar import Request
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from gateway import convert
+from gateway.asgi_request import APIRequest, ASGIRequest
 from gateway.context import Call, Services, count, finish, overhead_ms, report_after_response, uncount
 from gateway.errors import (
     APIError,
@@ -45,7 +45,7 @@ log = logging.getLogger("aibox.pipeline")
 
 
 # --------------------------------------------------------------------------- entry point
-async def handle(services: Services, request: Request[Any, Any, Any], endpoint: str) -> JSONResponse | SSEResponse:
+async def handle(services: Services, request: APIRequest, endpoint: str) -> JSONResponse | SSEResponse:
     """Serve one chat/completions request; every outcome is recorded."""
     call = _new_call(request, endpoint)
     count(services, call)
@@ -70,17 +70,17 @@ async def handle(services: Services, request: Request[Any, Any, Any], endpoint: 
     return response
 
 
-def _new_call(request: Request[Any, Any, Any], endpoint: str) -> Call:
+def _new_call(request: APIRequest, endpoint: str) -> Call:
     prefix = "chatcmpl-" if endpoint == "chat.completions" else "cmpl-"
     call = Call(request_id=prefix + uuid.uuid4().hex, endpoint=endpoint, ts=time.time(), t0=time.perf_counter())
     call.headers["x-request-id"] = _request_id_header(request) or call.request_id
     call.scope = request.scope  # type: ignore[assignment]
     retry_hdr = request.headers.get("x-stainless-retry-count")
-    call.client_retry_count = int(retry_hdr) if retry_hdr and retry_hdr.isdigit() else None
+    call.client_retry_count = int(retry_hdr) if retry_hdr and retry_hdr.isascii() and retry_hdr.isdigit() else None
     return call
 
 
-async def _handle(services: Services, request: Request[Any, Any, Any], call: Call) -> JSONResponse | SSEResponse:
+async def _handle(services: Services, request: APIRequest, call: Call) -> JSONResponse | SSEResponse:
     settings = services.settings
     # HOOK(auth)
     if services.authenticator is not None:
@@ -162,7 +162,7 @@ async def _acquire(services: Services, call: Call, model: str, tokens: int) -> N
     call.headers.update(call.reservation.headers)
 
 
-async def _read_body(request: Request[Any, Any, Any], limit: int) -> bytes:
+async def _read_body(request: APIRequest, limit: int) -> bytes:
     try:
         return await request.body()
     except RequestEntityTooLarge:
@@ -173,7 +173,7 @@ async def record_refusal(services: Services, scope: Any, err: APIError) -> list[
     """Audit (and count, and log) an API request refused before it reached the pipeline, e.g.
     while draining; returns the x-request-id header for the refusal."""
     endpoint = "chat.completions" if scope["path"].endswith("/chat/completions") else "completions"
-    request = Request(scope)  # headers only: the body is never read
+    request = ASGIRequest(scope, None, 0)  # headers only: the body is never read
     call = _new_call(request, endpoint)
     if services.authenticator is not None:
         try:  # attribute the row to the caller when the token is good; anonymous otherwise (no waiting)
@@ -186,7 +186,7 @@ async def record_refusal(services: Services, scope: Any, err: APIError) -> list[
     return [(b"x-request-id", call.headers["x-request-id"].encode())]
 
 
-def _request_id_header(request: Request[Any, Any, Any]) -> str | None:
+def _request_id_header(request: APIRequest) -> str | None:
     value = request.headers.get("x-request-id")
     if value and len(value) <= 128 and all(c.isalnum() or c in "-_.:" for c in value):
         return value

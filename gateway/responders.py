@@ -10,9 +10,9 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from litestar import Request
 
 from backends.base import BackendError, GenerationRequest
+from gateway.asgi_request import APIRequest
 from gateway.context import Call, Services, finish, overhead_ms
 from gateway.errors import APIError, ServerError, from_backend_error
 from gateway.generation import Opened, aclose, merge, new_choices, open_with_failover, totals
@@ -25,7 +25,7 @@ log = logging.getLogger("aibox.pipeline")
 
 async def respond_json(
     services: Services,
-    request: Request[Any, Any, Any],
+    request: APIRequest,
     call: Call,
     subs: list[GenerationRequest],
     deadline: float,
@@ -99,7 +99,7 @@ async def respond_json(
     return JSONResponse(encoder.encode(body), 200, call.headers)
 
 
-async def _wait_disconnect(request: Request[Any, Any, Any]) -> None:
+async def _wait_disconnect(request: APIRequest) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":

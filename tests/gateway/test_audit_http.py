@@ -6,6 +6,7 @@ not be there."""
 
 from __future__ import annotations
 
+import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -175,3 +176,22 @@ async def test_row_is_durable_before_the_response_completes(server: tuple[LiveSe
         locker.execute("ROLLBACK")
         locker.close()
     assert row(db, r.json()["id"])["subject"] == "gina"
+
+
+def test_a_client_gone_before_its_body_arrived_is_recorded_as_499(server: tuple[LiveServer, Path]) -> None:
+    s, db = server
+    host, port = s.url.removeprefix("http://").split(":")
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        f"content-length: 1000\r\nauthorization: {token('gone-mid-body')['authorization']}\r\n\r\n"
+    )
+    with socket.create_connection((host, int(port)), timeout=5) as sock:
+        sock.sendall(head.encode() + b'{"model": "m", "messa')  # then leave, 980 bytes short
+    deadline = time.monotonic() + 10
+    while True:
+        with sqlite3.connect(db) as conn:
+            rows = conn.execute("SELECT status, error_code FROM requests WHERE subject = 'gone-mid-body'").fetchall()
+        if rows or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
+    assert rows == [(499, "client_closed")]
