@@ -216,6 +216,8 @@ class OpenAIUpstreamBackend:
                 log.warning("upstream %s: stream broken: %s", self.name, exc)
                 raise BackendUnavailable("The model backend closed the connection mid-response.") from None
             *lines, buf = (buf + piece).split(b"\n")
+            texts: list[str] = []  # the text events of this read, yielded as one chunk
+            failure: BackendError | None = None  # raised once the text before it is out
             for line in lines:
                 if not line.startswith(b"data:"):
                     continue  # blank separators, comments (keep-alives), `event:` lines
@@ -226,10 +228,12 @@ class OpenAIUpstreamBackend:
                 try:
                     event = wire.event_decoder.decode(data)
                 except msgspec.DecodeError:
-                    raise BackendError("The model backend sent a malformed stream.") from None
+                    failure = BackendError("The model backend sent a malformed stream.")
+                    break
                 if event.error is not None:
                     log.warning("upstream %s sent an error event: %s", self.name, event.error.message)
-                    raise wire.stream_error(event.error)
+                    failure = wire.stream_error(event.error)
+                    break
                 if event.usage is not None:
                     usage = Usage(prompt_tokens=event.usage.prompt_tokens, completion_tokens=event.usage.completion_tokens)
                 for choice in event.choices:
@@ -240,8 +244,15 @@ class OpenAIUpstreamBackend:
                         finish = "length" if choice.finish_reason == "length" else "stop"
                     if text:
                         num_text_chunks += 1
-                        last = time.monotonic()
-                        yield Chunk(text=text)
+                        texts.append(text)
+            if texts:
+                # Events that arrived together (an upstream under load batches tokens) are
+                # already late for each other: one chunk costs the gateway one pass instead
+                # of one per event, and the client gets their text in one SSE event.
+                last = time.monotonic()
+                yield Chunk(text=texts[0] if len(texts) == 1 else "".join(texts))
+            if failure is not None:
+                raise failure
         if finish is None:
             raise BackendUnavailable("The model backend ended the response early.")
         if usage is None:

@@ -9,6 +9,8 @@ deployments: `model = "tiny?tokens=5&delay=0.01&first_delay=0.2&status=503&retry
   no_usage     never send a usage chunk (like servers that ignore stream_options)
   cut          close the connection abruptly after this many tokens
   json         answer with one non-streaming JSON body (a server that ignores `stream`)
+  burst        send the whole stream in one write (an upstream batching tokens under load)
+  error_after  send an error event after this many tokens, then end the stream
 A message (or prompt) starting with `opts:` adds options for that one request (`opts:first_delay=2`),
 and `UpstreamApp.force_status` makes every request fail until reset.
 Run in a thread (`UpstreamServer`) or as a process that can be killed
@@ -95,22 +97,30 @@ class UpstreamApp:
             return await _json(send, 200, {"id": "x", "choices": [{**choice, "finish_reason": "stop"}], "usage": usage})
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         await asyncio.sleep(float(opts.get("first_delay", 0)))
+        held: list[bytes] = []  # burst: everything goes out with [DONE]
+
+        async def event(obj: dict) -> None:
+            data = b"data: " + json.dumps(obj).encode() + b"\n\n"
+            if "burst" in opts:
+                held.append(data)
+            else:
+                await send({"type": "http.response.body", "body": data, "more_body": True})
+
         for i, word in enumerate(words):
             if "cut" in opts and i >= int(opts["cut"]):
                 raise ConnectionAbortedError("cut by test")  # uvicorn drops the connection mid-body
+            if "error_after" in opts and i >= int(opts["error_after"]):
+                await event({"error": {"message": "upstream broke mid-stream", "type": "server_error"}})
+                break
             if i and float(opts.get("delay", 0)):
                 await asyncio.sleep(float(opts["delay"]))
             choice = {"index": 0, "delta": {"content": word}} if chat else {"index": 0, "text": word}
             choice["finish_reason"] = ("length" if num_tokens == req.get("max_tokens") else "stop") if i == num_tokens - 1 else None
-            await _event(send, {"id": "x", "object": "chunk", "created": int(time.time()), "model": "tiny", "choices": [choice]})
+            await event({"id": "x", "object": "chunk", "created": int(time.time()), "model": "tiny", "choices": [choice]})
         if (req.get("stream_options") or {}).get("include_usage") and "no_usage" not in opts:
             usage = {"prompt_tokens": 7, "completion_tokens": num_tokens, "total_tokens": 7 + num_tokens}
-            await _event(send, {"id": "x", "object": "chunk", "choices": [], "usage": usage})
-        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
-
-
-async def _event(send: Any, obj: dict) -> None:
-    await send({"type": "http.response.body", "body": b"data: " + json.dumps(obj).encode() + b"\n\n", "more_body": True})
+            await event({"id": "x", "object": "chunk", "choices": [], "usage": usage})
+        await send({"type": "http.response.body", "body": b"".join(held) + b"data: [DONE]\n\n", "more_body": False})
 
 
 async def _json(send: Any, status: int, obj: dict, headers: list[tuple[bytes, bytes]] | None = None) -> None:
