@@ -9,11 +9,18 @@ the event loop (a JSON body, or an SSE response's first events: streaming.SSERes
 its head with them). A head left alone goes out at the end of that turn (`loop.call_soon`).
 Later writes of the response go straight through, so nothing is held back while a backend
 thinks. `aibox serve` runs it (`uvicorn.Config(http=...)`).
+
+It also gives each request's scope a `ClientHub` (`scope[CLIENT_KEY]`): callbacks run the
+moment the connection is lost before the response is complete (or a drain aborts the request,
+gateway.drain). The pipeline learns that the client left from it without a task per request
+blocked in `receive` (gateway.streaming.ClientGone, which falls back to that task under
+another server).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -82,10 +89,54 @@ class CorkedTransport:
         return getattr(self._transport, name)
 
 
+CLIENT_KEY = "aibox.client"
+
+
+class ClientHub:
+    """Who to tell when the client of one request goes away. `fire()` runs the callbacks once,
+    at once, in the event loop (they must only cancel or flag); a callback added after that
+    runs at once too."""
+
+    __slots__ = ("callbacks", "gone")
+
+    def __init__(self) -> None:
+        self.callbacks: list[Callable[[], object]] = []
+        self.gone = False
+
+    def add(self, callback: Callable[[], object]) -> None:
+        if self.gone:
+            callback()
+        else:
+            self.callbacks.append(callback)
+
+    def discard(self, callback: Callable[[], object]) -> None:
+        try:
+            self.callbacks.remove(callback)
+        except ValueError:
+            pass
+
+    def fire(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        callbacks, self.callbacks = self.callbacks, []
+        for callback in callbacks:
+            callback()
+
+
 class CorkedHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CorkedTransport(transport, self.loop))  # type: ignore[arg-type]
 
     def on_headers_complete(self) -> None:
         self.transport.cork()  # type: ignore[attr-defined]
+        self.scope[CLIENT_KEY] = ClientHub()  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        cycle = self.cycle
+        super().connection_lost(exc)
+        if cycle is not None and not cycle.response_complete:
+            hub = cycle.scope.get(CLIENT_KEY)  # type: ignore[misc]
+            if hub is not None:
+                hub.fire()

@@ -26,6 +26,7 @@ from typing import Any
 
 import uvicorn
 
+from gateway.corked import CLIENT_KEY
 from gateway.errors import Unavailable
 from gateway.schemas import encoder
 from gateway.streaming import DONE, error_event
@@ -63,6 +64,9 @@ class _Active:
     def abort(self) -> None:
         self.aborted = True
         self.scope[ABORTED_SCOPE_KEY] = True  # lets the pipeline tell a drain abort from a client leaving
+        hub = self.scope.get(CLIENT_KEY)
+        if hub is not None:  # gateway.corked: the pipeline watches through the hub
+            hub.fire()
         for task in self.receivers:
             self.cancelled.add(task)
             task.cancel()

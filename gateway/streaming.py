@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from gateway.coalesce import CoalescingSend
+from gateway.corked import CLIENT_KEY, ClientHub
 from gateway.schemas import encoder
 
 DONE = b"data: [DONE]\n\n"
@@ -46,18 +47,50 @@ def _encode_headers(headers: dict[str, str]) -> list[tuple[bytes, bytes]]:
     return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
 
 
+class ClientGone:
+    """Calls `callback()` once when the client of this request goes away. With gateway.corked's
+    protocol that is a callback on the scope's ClientHub (no task); under another server, a
+    task blocked in `receive` until `http.disconnect`. `close()` when no longer interested."""
+
+    __slots__ = ("_callback", "_hub", "_task")
+
+    def __init__(self, scope: Any, receive: Any, callback: Callable[[], object]) -> None:
+        self._callback = callback
+        self._hub: ClientHub | None = scope.get(CLIENT_KEY)
+        self._task: asyncio.Task[None] | None = None
+        if self._hub is not None:
+            self._hub.add(callback)
+        else:
+            self._task = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Any) -> None:
+        try:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+        except Exception:  # a broken receive: the connection is gone as far as we can tell
+            pass
+        self._callback()
+
+    def close(self) -> None:
+        if self._hub is not None:
+            self._hub.discard(self._callback)
+        elif self._task is not None:
+            self._task.cancel()
+
+
 class ClientWatch:
-    """`async with ClientWatch(receive) as watch:` cancels the body of the block when the client
-    disconnects (one watcher task blocked in `receive`), and the block then ends normally with
-    `watch.client_gone` set. A cancellation from anyone else propagates as usual.
+    """`async with ClientWatch(scope, receive) as watch:` cancels the body of the block when the
+    client disconnects (ClientGone), and the block then ends normally with `watch.client_gone`
+    set. A cancellation from anyone else propagates as usual.
 
     `hold()`: while it returns True the block is finishing up on its own (a stream writing its
     audit row before [DONE]) and a disconnect only sets `client_gone`: nothing is cut in half,
     and no task is needed to shield that work."""
 
-    __slots__ = ("receive", "task", "watcher", "armed", "client_gone", "hold", "cancelled")
+    __slots__ = ("scope", "receive", "task", "gone", "armed", "client_gone", "hold", "cancelled")
 
-    def __init__(self, receive: Any, hold: Callable[[], bool] | None = None) -> None:
+    def __init__(self, scope: Any, receive: Any, hold: Callable[[], bool] | None = None) -> None:
+        self.scope = scope
         self.receive = receive
         self.hold = hold
         self.armed = True
@@ -68,15 +101,10 @@ class ClientWatch:
         task = asyncio.current_task()
         assert task is not None
         self.task = task
-        self.watcher = asyncio.ensure_future(self._watch())
+        self.gone = ClientGone(self.scope, self.receive, self._left)
         return self
 
-    async def _watch(self) -> None:
-        try:
-            while (await self.receive())["type"] != "http.disconnect":
-                pass
-        except Exception:  # a broken receive: the connection is gone as far as we can tell
-            pass
+    def _left(self) -> None:
         if self.armed:
             self.client_gone = True
             if self.hold is None or not self.hold():  # the cancel lands inside the block: the task is suspended in it now
@@ -90,7 +118,7 @@ class ClientWatch:
 
     async def __aexit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
         self.armed = False
-        self.watcher.cancel()
+        self.gone.close()
         return exc_type is asyncio.CancelledError and self.cancelled and self.task.uncancel() == 0
 
 
@@ -121,7 +149,7 @@ class SSEResponse:
             # here suspends before the first __anext__ enters the iterator, so its `finally`
             # always runs: a disconnect's cancel lands inside it (or in a body send after it).
             await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-            async with ClientWatch(receive, self.hold) as watch:
+            async with ClientWatch(scope, receive, self.hold) as watch:
                 async for event in self.events:
                     backpressure = send.push(event)  # buffered, written on the next loop turn
                     if backpressure is not None:

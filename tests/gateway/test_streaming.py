@@ -10,15 +10,19 @@ from typing import Any
 
 import pytest
 
+from gateway.corked import CLIENT_KEY, ClientHub
 from gateway.streaming import ClientWatch, JSONResponse, SSEResponse
 
 
 class Client:
-    """An ASGI receive that blocks until `leave()`, and a send that records messages."""
+    """An ASGI receive that blocks until `leave()`, and a send that records messages. `scope`
+    carries a ClientHub that `leave()` fires too when `hub` (gateway.corked's way of telling)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hub: bool = False) -> None:
         self.left = asyncio.Event()
         self.sent: list[dict[str, Any]] = []
+        self.hub = ClientHub()
+        self.scope: dict[str, Any] = {CLIENT_KEY: self.hub} if hub else {}
 
     async def receive(self) -> dict[str, Any]:
         await self.left.wait()
@@ -29,12 +33,14 @@ class Client:
 
     def leave(self) -> None:
         self.left.set()
+        self.hub.fire()
 
 
-async def test_client_leaving_cancels_the_block() -> None:
-    client = Client()
+@pytest.mark.parametrize("hub", [False, True], ids=["receive", "hub"])
+async def test_client_leaving_cancels_the_block(hub: bool) -> None:
+    client = Client(hub)
     reached_end = False
-    async with ClientWatch(client.receive) as watch:
+    async with ClientWatch(client.scope, client.receive) as watch:
         asyncio.get_running_loop().call_later(0.05, client.leave)
         await asyncio.sleep(10)
         reached_end = True
@@ -43,29 +49,32 @@ async def test_client_leaving_cancels_the_block() -> None:
     await asyncio.sleep(0)  # and the task is not cancelled later
 
 
-async def test_finishing_first_is_not_a_disconnect() -> None:
-    client = Client()
-    async with ClientWatch(client.receive) as watch:
+@pytest.mark.parametrize("hub", [False, True], ids=["receive", "hub"])
+async def test_finishing_first_is_not_a_disconnect(hub: bool) -> None:
+    client = Client(hub)
+    async with ClientWatch(client.scope, client.receive) as watch:
         await asyncio.sleep(0.01)
     client.leave()  # e.g. uvicorn reporting "disconnect" once the response is complete
     await asyncio.sleep(0.05)
     assert not watch.client_gone
 
 
-async def test_a_disconnect_while_held_does_not_cancel() -> None:
-    client = Client()
+@pytest.mark.parametrize("hub", [False, True], ids=["receive", "hub"])
+async def test_a_disconnect_while_held_does_not_cancel(hub: bool) -> None:
+    client = Client(hub)
     held = True
-    async with ClientWatch(client.receive, hold=lambda: held) as watch:
+    async with ClientWatch(client.scope, client.receive, hold=lambda: held) as watch:
         client.leave()
         await asyncio.sleep(0.05)  # finishing up: not cut off
     assert watch.client_gone and not watch.cancelled
 
 
-async def test_someone_elses_cancel_propagates() -> None:
-    client = Client()
+@pytest.mark.parametrize("hub", [False, True], ids=["receive", "hub"])
+async def test_someone_elses_cancel_propagates(hub: bool) -> None:
+    client = Client(hub)
 
     async def work() -> None:
-        async with ClientWatch(client.receive):
+        async with ClientWatch(client.scope, client.receive):
             await asyncio.sleep(10)
 
     task = asyncio.ensure_future(work())
@@ -75,8 +84,9 @@ async def test_someone_elses_cancel_propagates() -> None:
         await task
 
 
-async def test_sse_response_streams_then_cleans_up_when_the_client_leaves() -> None:
-    client = Client()
+@pytest.mark.parametrize("hub", [False, True], ids=["receive", "hub"])
+async def test_sse_response_streams_then_cleans_up_when_the_client_leaves(hub: bool) -> None:
+    client = Client(hub)
     cleaned_up = asyncio.Event()
 
     async def events() -> AsyncIterator[bytes]:
@@ -89,12 +99,12 @@ async def test_sse_response_streams_then_cleans_up_when_the_client_leaves() -> N
         finally:
             cleaned_up.set()
 
-    await SSEResponse(events(), {"x-request-id": "r1"})({}, client.receive, client.send)
+    await SSEResponse(events(), {"x-request-id": "r1"})(client.scope, client.receive, client.send)
     assert cleaned_up.is_set()
     start, *bodies = client.sent
     assert start["status"] == 200 and (b"x-request-id", b"r1") in start["headers"]
     assert (b"content-type", b"text/event-stream; charset=utf-8") in start["headers"]
-    assert 3 <= len(bodies) < 10 and all(m["more_body"] for m in bodies)  # cut off, no final message
+    assert 2 <= len(bodies) < 10 and all(m["more_body"] for m in bodies)  # cut off (at once with the hub), no final message
 
 
 async def test_sse_response_complete() -> None:
@@ -206,7 +216,7 @@ async def test_a_broken_receive_counts_as_the_client_leaving() -> None:
         await asyncio.sleep(0.02)
         raise RuntimeError("transport gone")
 
-    async with ClientWatch(broken_receive) as watch:
+    async with ClientWatch({}, broken_receive) as watch:
         await asyncio.sleep(10)
     assert watch.client_gone
 
