@@ -209,7 +209,8 @@ class OpenAIUpstreamBackend:
             deadline = first_deadline if num_text_chunks == 0 else min(total_deadline, last + cfg.idle_timeout_s)
             what = "first token" if num_text_chunks == 0 else ("total" if deadline == total_deadline else "idle")
             try:
-                piece = await self._bounded(anext(pieces), deadline, what)
+                # A timer only when the read may wait: an upstream's burst is often buffered already.
+                piece = await (anext(pieces) if response.ready() else self._bounded(anext(pieces), deadline, what))
             except StopAsyncIteration:
                 break
             except TransportError as exc:
@@ -261,7 +262,7 @@ class OpenAIUpstreamBackend:
                 self._warned_no_usage = True
             usage = Usage(prompt_tokens=0, completion_tokens=num_text_chunks)
         if done:
-            await self._drain(pieces, total_deadline)
+            await self._drain(response, pieces, total_deadline)
         yield Chunk(finish_reason=finish, usage=usage)  # type: ignore[arg-type]
 
     async def _whole(self, response: Response, chat: bool, deadline: float) -> AsyncIterator[Chunk]:
@@ -288,8 +289,13 @@ class OpenAIUpstreamBackend:
         log.warning("upstream %s answered HTTP %d: %s", self.name, status, err.message)
         return err
 
-    async def _drain(self, pieces: AsyncIterator[bytes], deadline: float) -> None:
+    async def _drain(self, response: Response, pieces: AsyncIterator[bytes], deadline: float) -> None:
         """Read the (empty) rest after [DONE] so the connection goes back to the pool."""
+        while response.ready():  # usually the whole rest is in already: no timer needed
+            try:
+                await anext(pieces)
+            except (StopAsyncIteration, TransportError):
+                return
         try:
             async with asyncio.timeout(max(0.0, min(deadline - time.monotonic(), 0.1))):
                 async for _ in pieces:

@@ -166,6 +166,12 @@ class Response:
     async def aread(self) -> bytes:
         return b"".join([p async for p in self.aiter_bytes()])
 
+    def ready(self) -> bool:
+        """True when the next read returns without waiting: body bytes are buffered, or the
+        response has ended (or failed). A caller can skip arming a timeout for that read."""
+        conn = self._conn
+        return conn is not None and (bool(conn.pieces) or conn.complete or conn.error is not None)
+
     async def aclose(self) -> None:
         """Give the connection back (body fully read) or close it (aborts the upstream work)."""
         conn, self._conn = self._conn, None

@@ -307,3 +307,24 @@ async def test_upstream_that_ignores_stream_still_works(upstream: UpstreamServer
         await backend.close()
     assert "".join(c.text for c in chunks) == "up1 w1 w2 "
     assert chunks[-1].finish_reason == "stop" and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
+
+
+async def test_ready_says_when_a_read_will_not_wait(upstream: UpstreamServer) -> None:
+    """What lets the backend skip arming a timer for reads of bytes that are already in."""
+    from backends.upstream_http import ConnectionPool
+
+    pool = ConnectionPool(upstream.url, max_connections=2, connect_timeout_s=5)
+    body = b'{"model": "tiny?tokens=3&first_delay=0.3", "messages": [{"role": "user", "content": "hi"}], "stream": true}'
+    try:
+        response = await pool.request("POST", "chat/completions", body, {"content-type": "application/json"})
+        assert not response.ready()  # headers only: the first token is 0.3 s away
+        pieces = response.aiter_bytes()
+        await anext(pieces)  # type: ignore[call-overload]
+        while not response.ready():  # the rest follows in a moment
+            await asyncio.sleep(0.01)
+        rest = [p async for p in pieces]
+        assert b"[DONE]" in b"".join(rest) and response.ready()  # ended: a read returns at once
+        await response.aclose()
+        assert not response.ready()  # closed: nothing to read
+    finally:
+        await pool.aclose()
