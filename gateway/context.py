@@ -38,7 +38,7 @@ class Services:
     in_flight: int = 0  # calls begun and not yet finished (streams count until their last byte)
 
 
-@dataclass
+@dataclass(slots=True)
 class Call:
     """Bookkeeping of one request; becomes its audit row and metrics."""
 
