@@ -76,6 +76,14 @@ class CorkedTransport:
         self._pending, self._corked = None, False
         self._transport.abort()
 
+    def writelines(self, chunks: Any) -> None:
+        self.write(b"".join(chunks))
+
+    def write_eof(self) -> None:
+        self._cancel()
+        self._flush()
+        self._transport.write_eof()
+
     def is_closing(self) -> bool:
         return self._transport.is_closing()
 
@@ -132,6 +140,15 @@ class CorkedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.cork()  # type: ignore[attr-defined]
         self.scope[CLIENT_KEY] = ClientHub()  # type: ignore[typeddict-unknown-key]
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if not self.pipeline:
+            # uvicorn pauses reading while a big body is buffered and resumes only in receive();
+            # nothing calls receive() once the body is in (the pipeline listens to the hub), and
+            # a socket that is not read never reports the peer leaving. The body is complete:
+            # read on (a pipelined request pauses reading again in on_headers_complete).
+            self.flow.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
         cycle = self.cycle

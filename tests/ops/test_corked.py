@@ -102,6 +102,20 @@ async def test_close_sends_a_held_head_first_and_abort_drops_it() -> None:
     assert raw.writes == [b"x"]
 
 
+async def test_writelines_and_write_eof_keep_the_order() -> None:
+    raw = Recorder()
+    raw.write_eof = lambda: raw.writes.append(b"<EOF>")  # type: ignore[attr-defined]
+    t = CorkedTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
+    t.cork()
+    t.writelines([b"HE", b"AD"])
+    t.writelines([b"BO", b"DY"])
+    assert raw.writes == [b"HEADBODY"]
+    t.cork()
+    t.write(b"HEAD")
+    t.write_eof()  # a held head goes first
+    assert raw.writes == [b"HEADBODY", b"HEAD", b"<EOF>"]
+
+
 async def test_a_head_held_past_the_connection_closing_is_dropped() -> None:
     raw = Recorder()
     t = CorkedTransport(raw, asyncio.get_running_loop())  # type: ignore[arg-type]
@@ -214,3 +228,31 @@ def test_pipelined_requests_get_their_responses_in_order() -> None:
             assert chunk, "connection closed early"
             data += chunk
     assert data.count(b"HTTP/1.1 200 OK") == 3
+
+
+def test_a_client_leaving_after_a_big_body_is_noticed() -> None:
+    """uvicorn stops reading while a big body is buffered; once the body is complete the protocol
+    reads on, so the peer's FIN reaches connection_lost and the hub aborts the backend work."""
+    import json
+
+    from tests.gateway.test_api import fake_settings
+    from tests.live import serve, settings_from
+
+    doc = fake_settings(max_body_bytes=4_000_000)
+    doc["backends"]["f"].update(first_token_delay_s=3.0, context_length=10_000_000)
+    with serve(settings_from(doc)) as live:
+        services = live.app.state.services
+        body = json.dumps({"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": "a " * 100_000}]}).encode()
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body)
+        with socket.create_connection(("127.0.0.1", live.port), timeout=5) as sock:
+            sock.sendall(head + body[:500])
+            time.sleep(0.3)  # the app is waiting in receive() when the big rest arrives
+            sock.sendall(body[500:-100_000])
+            time.sleep(0.3)
+            sock.sendall(body[-100_000:])  # more than 64 KiB in one go: uvicorn pauses reading
+            time.sleep(0.5)  # read, decoded, routed: generating (3 s to the first token)
+            assert services.in_flight == 1 and services.router.state()["f"]["in_flight"] == 1
+        left = time.monotonic()
+        while services.in_flight and time.monotonic() - left < 5:
+            time.sleep(0.02)
+        assert services.in_flight == 0 and time.monotonic() - left < 1.5  # aborted, not run to the end
