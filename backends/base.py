@@ -71,6 +71,9 @@ class Chunk(msgspec.Struct, kw_only=True):
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # Output tokens in `text`; counts a choice that was cut off before its usage arrived. A
+    # backend that joins several tokens into one chunk says how many.
+    num_tokens: int = 1
     # Set by backends that queue (torch engine, llama.cpp slots): ms from submit to first schedule.
     queue_ms: float | None = None
 

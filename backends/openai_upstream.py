@@ -216,8 +216,9 @@ class OpenAIUpstreamBackend:
             except TransportError as exc:
                 log.warning("upstream %s: stream broken: %s", self.name, exc)
                 raise BackendUnavailable("The model backend closed the connection mid-response.") from None
+            piece += response.read_buffered()  # HTTP chunks that came in the same read (one per event, typically)
             *lines, buf = (buf + piece).split(b"\n")
-            texts: list[str] = []  # the text events of this read, yielded as one chunk
+            texts: list[str] = []  # the text events that arrived together, yielded as one chunk
             failure: BackendError | None = None  # raised once the text before it is out
             for line in lines:
                 if not line.startswith(b"data:"):
@@ -251,7 +252,7 @@ class OpenAIUpstreamBackend:
                 # already late for each other: one chunk costs the gateway one pass instead
                 # of one per event, and the client gets their text in one SSE event.
                 last = time.monotonic()
-                yield Chunk(text=texts[0] if len(texts) == 1 else "".join(texts))
+                yield Chunk(text=texts[0] if len(texts) == 1 else "".join(texts), num_tokens=len(texts))
             if failure is not None:
                 raise failure
         if finish is None:

@@ -134,6 +134,16 @@ class _Connection(asyncio.Protocol):
             self._waiter = asyncio.get_running_loop().create_future()
             await self._waiter
 
+    def take_buffered(self) -> bytes:
+        """Every body byte received so far and not yet read, at once (b"" if none)."""
+        if not self.pieces:
+            return b""
+        data = b"".join(self.pieces)
+        self.pieces.clear()
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+        return data
+
     def reusable(self, keepalive_expiry_s: float) -> bool:
         return (
             not self.closed
@@ -165,6 +175,11 @@ class Response:
 
     async def aread(self) -> bytes:
         return b"".join([p async for p in self.aiter_bytes()])
+
+    def read_buffered(self) -> bytes:
+        """The body bytes already received and not yet read (b"" if none); never waits."""
+        conn = self._conn
+        return conn.take_buffered() if conn is not None else b""
 
     def ready(self) -> bool:
         """True when the next read returns without waiting: body bytes are buffered, or the

@@ -114,20 +114,20 @@ async def aclose(it: AsyncIterator[Chunk]) -> None:
 
 
 class Choice:
-    __slots__ = ("index", "text", "finish", "usage", "num_chunks", "echo")
+    __slots__ = ("index", "text", "finish", "usage", "num_tokens", "echo")
 
     def __init__(self, index: int, echo: str = "") -> None:
         self.index = index
         self.text: list[str] = []
         self.finish: str | None = None
         self.usage: Usage | None = None
-        self.num_chunks = 0
+        self.num_tokens = 0  # as the chunks say: what a choice cut off before its usage produced
         self.echo = echo
 
     def take(self, chunk: Chunk) -> None:
         if chunk.text:
             self.text.append(chunk.text)
-            self.num_chunks += 1
+            self.num_tokens += chunk.num_tokens
         if chunk.finish_reason is not None:
             self.finish = chunk.finish_reason
             self.usage = chunk.usage
@@ -256,7 +256,7 @@ def totals(call: Call, choices: list[Choice], subs: list[GenerationRequest]) -> 
                 counted.add(key)
             completion += c.usage.completion_tokens
         else:
-            completion += c.num_chunks  # cut short: count what was produced
+            completion += c.num_tokens  # cut short: count what was produced
             unfinished.setdefault(key, sub)
     prompt += sum(estimate_prompt_tokens([sub]) for key, sub in unfinished.items() if key not in counted)
     call.prompt_tokens, call.completion_tokens = prompt, completion

@@ -27,6 +27,7 @@ from backends.base import (
 )
 from backends.openai_upstream import OpenAIUpstreamBackend
 from backends.registry import backend_class
+from gateway.generation import Choice
 from gateway.settings import OpenAIBackendConfig
 from tests.upstream_server import UpstreamServer
 
@@ -148,7 +149,7 @@ async def test_events_that_arrive_together_are_one_chunk(upstream: UpstreamServe
         chunks = await collect(backend, chat(max_tokens=10))
     finally:
         await backend.close()
-    assert [c.text for c in chunks] == ["up1 w1 w2 w3 ", ""]
+    assert [(c.text, c.num_tokens) for c in chunks[:-1]] == [("up1 w1 w2 w3 ", 4)]
     last = chunks[-1]
     assert last.finish_reason == "stop" and last.usage is not None and last.usage.completion_tokens == 4  # events, not chunks
 
@@ -163,7 +164,10 @@ async def test_text_before_an_error_in_the_same_read_is_not_lost(upstream: Upstr
                 got.append(chunk)
     finally:
         await backend.close()
-    assert [c.text for c in got] == ["up1 w1 "]
+    assert [(c.text, c.num_tokens) for c in got] == [("up1 w1 ", 2)]
+    choice = Choice(0)
+    choice.take(got[0])
+    assert choice.num_tokens == 2  # what a cut-off choice is charged: tokens, not chunks
 
 
 @pytest.mark.parametrize(
@@ -328,3 +332,43 @@ async def test_ready_says_when_a_read_will_not_wait(upstream: UpstreamServer) ->
         assert not response.ready()  # closed: nothing to read
     finally:
         await pool.aclose()
+
+
+async def test_events_in_separate_http_chunks_of_one_read_are_one_chunk() -> None:
+    """vLLM and llama-server send one HTTP chunk per event; a busy one's chunks arrive together."""
+
+    def event(text: str, finish: str | None = None) -> bytes:
+        data = b'data: {"choices": [{"index": 0, "delta": {"content": "%s"}, "finish_reason": %s}]}\n\n' % (
+            text.encode(), b"null" if finish is None else b'"' + finish.encode() + b'"')  # fmt: skip
+        return b"%x\r\n%s\r\n" % (len(data), data)
+
+    usage = b'data: {"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 3}}\n\n'
+    body = event("a ") + event("b ") + event("c ", "stop") + b"%x\r\n%s\r\n" % (len(usage), usage) + b"e\r\ndata: [DONE]\n\n\r\n0\r\n\r\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+
+    handled = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(head + body)  # every chunk in one write
+            await writer.drain()
+            await reader.read()  # until the client closes
+        finally:
+            writer.close()
+            await writer.wait_closed()
+            handled.set()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = make_backend(f"http://127.0.0.1:{port}/v1")
+    await backend.start()
+    try:
+        chunks = await collect(backend, chat())
+    finally:
+        await backend.close()
+        await asyncio.wait_for(handled.wait(), 5)
+        server.close()
+        await server.wait_closed()
+    assert [(c.text, c.num_tokens) for c in chunks[:-1]] == [("a b c ", 3)]
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 3
