@@ -9,7 +9,8 @@ from typing import Any, Protocol
 
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from gateway.errors import ClientClosed
+from gateway.drain import ABORTED_SCOPE_KEY
+from gateway.errors import ClientClosed, Unavailable
 
 
 class APIRequest(Protocol):
@@ -47,7 +48,9 @@ class ASGIRequest:
         size = 0
         while True:
             message = await self.receive()
-            if message["type"] != "http.request":  # http.disconnect
+            if message["type"] != "http.request":  # http.disconnect: the client left, or a drain aborted us
+                if self.scope.get(ABORTED_SCOPE_KEY):
+                    raise Unavailable("The server is shutting down; retry on another instance.", code="server_shutting_down")
                 raise ClientClosed("The client closed the connection before sending the whole request body.")
             chunk = message.get("body", b"")
             size += len(chunk)

@@ -11,8 +11,10 @@ uvicorn's own handler would close the listener first (so /ready could not say "d
 re-raise the signal after shutdown (so the exit status would not be 0); `DrainingServer`
 replaces that handler. A second signal falls back to uvicorn's immediate exit.
 
-The abort works through ASGI itself: `Drain.middleware` hands the app an `http.disconnect` and
-finishes the response on the app's behalf, so no pipeline code needs to know about draining.
+The abort works the way a client leaving does: `Drain.middleware` fires the request's ClientHub
+(gateway.corked; the pipeline listens to it), hands a task waiting in `receive` an
+`http.disconnect` (under another server), and finishes the response on the app's behalf, so no
+pipeline code needs to know about draining.
 """
 
 from __future__ import annotations

@@ -108,7 +108,7 @@ async def _handle(services: Services, request: APIRequest, call: Call) -> JSONRe
     if getattr(body, "echo", False):
         call.echo = [s.prompt or "" for s in subs]
     if settings.audit.store_content:
-        call.request_content = (await request.body()).decode("utf-8", "replace")  # cached by Litestar
+        call.request_content = (await request.body()).decode("utf-8", "replace")  # read once: the request caches it
     # HOOK(quota)
     if services.audit is not None:
         await _check_quota(services, call)

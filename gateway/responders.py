@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-
 from backends.base import BackendError, GenerationRequest
 from gateway.asgi_request import APIRequest
 from gateway.context import Call, Services, finish, overhead_ms
@@ -75,8 +74,8 @@ async def respond_json(
         raise from_backend_error(exc) from None
     except asyncio.CancelledError:
         task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            raise  # we are cancelled ourselves (shutdown): so was the collector
+        if not gone.fired or (task is not None and task.cancelling()):
+            raise  # we are cancelled ourselves (shutdown), and so was the collector; or someone else cancelled it
         call.abandoned()  # the client left: `gone` cancelled the collector
         end_attempt(services, call, opened, ok=False)  # neither success nor the deployment's fault
         totals(call, choices, subs)

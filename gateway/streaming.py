@@ -52,16 +52,21 @@ class ClientGone:
     protocol that is a callback on the scope's ClientHub (no task); under another server, a
     task blocked in `receive` until `http.disconnect`. `close()` when no longer interested."""
 
-    __slots__ = ("_callback", "_hub", "_task")
+    __slots__ = ("_callback", "_hub", "_task", "fired")
 
     def __init__(self, scope: Any, receive: Any, callback: Callable[[], object]) -> None:
         self._callback = callback
+        self.fired = False  # the client went away (the callback ran)
         self._hub: ClientHub | None = scope.get(CLIENT_KEY)
         self._task: asyncio.Task[None] | None = None
         if self._hub is not None:
-            self._hub.add(callback)
+            self._hub.add(self._fire)
         else:
             self._task = asyncio.ensure_future(self._watch(receive))
+
+    def _fire(self) -> None:
+        self.fired = True
+        self._callback()
 
     async def _watch(self, receive: Any) -> None:
         try:
@@ -69,11 +74,11 @@ class ClientGone:
                 pass
         except Exception:  # a broken receive: the connection is gone as far as we can tell
             pass
-        self._callback()
+        self._fire()
 
     def close(self) -> None:
         if self._hub is not None:
-            self._hub.discard(self._callback)
+            self._hub.discard(self._fire)
         elif self._task is not None:
             self._task.cancel()
 
@@ -125,8 +130,9 @@ class ClientWatch:
 class SSEResponse:
     """An SSE body as a bare ASGI app: sends each event as the iterator yields it, and stops the
     iteration when the client leaves (unless `hold()` says it is finishing up on its own), so the
-    iterator's `finally` cleans up (abort the backend, settle limits, audit). One watcher task per
-    stream, where Litestar's Stream runs an anyio task group with cancel scopes."""
+    iterator's `finally` cleans up (abort the backend, settle limits, audit). No task of its own
+    (ClientWatch listens to the scope's ClientHub), where Litestar's Stream runs an anyio task
+    group with cancel scopes."""
 
     __slots__ = ("after", "events", "headers", "hold")
 

@@ -23,11 +23,11 @@ def settings_from(doc: dict[str, Any]) -> Settings:
 
 
 class LiveServer:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, http: Any = CorkedHttpToolsProtocol) -> None:
+        """`http`: the protocol `aibox serve` runs, unless a test asks for uvicorn's own
+        ("httptools", as under `uvicorn --workers`)."""
         self.app = app
-        config = uvicorn.Config(
-            app, host="127.0.0.1", port=0, http=CorkedHttpToolsProtocol, log_config=None, access_log=False, lifespan="on"
-        )  # the protocol `aibox serve` runs
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, http=http, log_config=None, access_log=False, lifespan="on")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -67,8 +67,8 @@ class LiveServer:
 
 
 @contextlib.contextmanager
-def serve(settings: Settings, **kw: Any) -> Iterator[LiveServer]:
-    server = LiveServer(create_app(settings, **kw)).start()
+def serve(settings: Settings, http: Any = CorkedHttpToolsProtocol, **kw: Any) -> Iterator[LiveServer]:
+    server = LiveServer(create_app(settings, **kw), http=http).start()
     try:
         yield server
     finally:

@@ -13,7 +13,8 @@ import pytest
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
 from gateway.asgi_request import ASGIRequest
-from gateway.errors import ClientClosed
+from gateway.drain import ABORTED_SCOPE_KEY
+from gateway.errors import ClientClosed, Unavailable
 from tests.gateway.test_api import fake_settings
 from tests.live import LiveServer, serve, settings_from
 
@@ -71,6 +72,14 @@ async def test_a_client_leaving_mid_body_is_client_closed() -> None:
     with pytest.raises(ClientClosed) as exc:
         await ASGIRequest(scope(), receive, 100).body()
     assert exc.value.status_code == 499
+
+
+async def test_a_drain_abort_mid_body_is_shutting_down() -> None:
+    receive = receiving({"type": "http.disconnect"})
+    aborted = scope() | {ABORTED_SCOPE_KEY: True}  # as gateway.drain marks the request it aborts
+    with pytest.raises(Unavailable) as exc:
+        await ASGIRequest(aborted, receive, 100).body()
+    assert (exc.value.status_code, exc.value.code) == (503, "server_shutting_down")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,7 @@ import httpx
 import msgspec
 import pytest
 
+from gateway.corked import CorkedHttpToolsProtocol
 from tests.live import LiveServer, serve, settings_from
 from tests.ops.helpers import chat, config, is_openai_error, sse_events
 
@@ -82,11 +83,14 @@ def test_backend_silent_between_chunks_hits_the_idle_deadline() -> None:
         wait_in_flight_zero(live)
 
 
-@pytest.fixture(scope="module")
-def limited() -> Iterator[LiveServer]:
-    """50 tokens/s and one concurrent request per principal: a slot leak shows up as a 429."""
+@pytest.fixture(scope="module", params=["corked", "httptools"])
+def limited(request: pytest.FixtureRequest) -> Iterator[LiveServer]:
+    """50 tokens/s and one concurrent request per principal: a slot leak shows up as a 429. Under
+    `aibox serve`'s protocol (the client leaving fires the scope's hub) and uvicorn's own (the
+    pipeline's fallback: a task waiting in receive() for http.disconnect)."""
     ratelimit = {"store": "memory", "tiers": {"default": {"principal": {"max_concurrent": 1}}}}
-    with serve(settings_from(config(ratelimit=ratelimit, fake={"tokens_per_s": 50.0}))) as live:
+    http = CorkedHttpToolsProtocol if request.param == "corked" else request.param
+    with serve(settings_from(config(ratelimit=ratelimit, fake={"tokens_per_s": 50.0})), http=http) as live:
         yield live
 
 
