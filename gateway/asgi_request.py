@@ -9,8 +9,8 @@ from typing import Any, Protocol
 
 from litestar.exceptions.http_exceptions import RequestEntityTooLarge
 
-from gateway.drain import ABORTED_SCOPE_KEY
-from gateway.errors import ClientClosed, Unavailable
+from gateway.drain import aborted_error
+from gateway.errors import ClientClosed
 
 
 class APIRequest(Protocol):
@@ -49,9 +49,7 @@ class ASGIRequest:
         while True:
             message = await self.receive()
             if message["type"] != "http.request":  # http.disconnect: the client left, or a drain aborted us
-                if self.scope.get(ABORTED_SCOPE_KEY):
-                    raise Unavailable("The server is shutting down; retry on another instance.", code="server_shutting_down")
-                raise ClientClosed("The client closed the connection before sending the whole request body.")
+                raise aborted_error(self.scope) or ClientClosed("The client closed the connection before sending the whole request body.")
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > self._max_body_bytes:

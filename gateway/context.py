@@ -14,7 +14,8 @@ from typing import Any
 
 from backends.base import Backend
 from gateway import request_log
-from gateway.errors import APIError
+from gateway.drain import aborted_error
+from gateway.errors import APIError, ClientClosed
 from gateway.settings import Settings
 from policies import routing
 from policies.auth import ANONYMOUS, Principal
@@ -82,10 +83,7 @@ class Call:
 
     def abandoned(self) -> None:
         """The response was cut off: by a graceful-shutdown abort (503) or by the client (499)."""
-        if self.scope is not None and self.scope.get("aibox.drain_aborted"):
-            self.status, self.error_type, self.error_code = 503, "service_unavailable", "server_shutting_down"
-        else:
-            self.status, self.error_type, self.error_code = 499, "client_closed", "client_closed"
+        self.fail(aborted_error(self.scope) or ClientClosed("The client closed the connection."))
 
     def fail(self, err: APIError) -> None:
         self.status, self.error_type, self.error_code = err.status_code, err.error_type, err.code

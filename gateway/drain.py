@@ -42,6 +42,14 @@ OPS_PATHS = ("/health", "/ready", "/metrics")
 # Requests that get an audit row (the pipeline's endpoints), also when refused here.
 API_PATHS = ("/v1/chat/completions", "/v1/completions")
 _ABORTED = Unavailable("The server is shutting down; retry on another instance.", code="server_shutting_down")
+
+
+def aborted_error(scope: Any) -> Unavailable | None:
+    """For a request that ends without its client: the error if a drain aborted it (503
+    server_shutting_down), None if the client itself left."""
+    if scope is not None and scope.get(ABORTED_SCOPE_KEY):
+        return Unavailable(_ABORTED.message, code=_ABORTED.code)
+    return None
 _REFUSED = Unavailable("The server is shutting down and accepts no new requests.", code="server_shutting_down")
 
 
