@@ -66,9 +66,12 @@ class CorkedTransport:
             self._handle.cancel()
             self._handle = None
 
-    def close(self) -> None:
+    def _flush_now(self) -> None:
         self._cancel()
         self._flush()
+
+    def close(self) -> None:
+        self._flush_now()
         self._transport.close()
 
     def abort(self) -> None:
@@ -80,8 +83,7 @@ class CorkedTransport:
         self.write(b"".join(chunks))
 
     def write_eof(self) -> None:
-        self._cancel()
-        self._flush()
+        self._flush_now()
         self._transport.write_eof()
 
     def is_closing(self) -> bool:
